@@ -1,0 +1,1 @@
+"""The light client library: standard library and msgpack only at import time."""
