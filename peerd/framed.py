@@ -1,0 +1,126 @@
+"""Framed messages over any byte stream: libp2p streams and the local Unix socket alike.
+
+`wire/` parses bytes and does no I/O; this module does the reading and writing, so both
+transports share one framing (4-byte length prefix + msgpack map, with a maximum frame size).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+import trio
+
+from wire import HEADER_SIZE, WireError, decode_payload, encode_frame, parse_header
+
+
+class ConnectionLost(Exception):
+    """The other side closed or reset the stream (possibly in the middle of a frame)."""
+
+
+class ByteStream(Protocol):
+    """The least a transport must offer: receive some bytes (b"" at end), send all, close."""
+
+    async def receive_some(self, max_bytes: int) -> bytes: ...
+
+    async def send_all(self, data: bytes) -> None: ...
+
+    async def aclose(self) -> None: ...
+
+
+class Libp2pByteStream:
+    """Adapts a libp2p `INetStream` (which raises at EOF instead of returning b"")."""
+
+    def __init__(self, stream: Any) -> None:
+        self.stream = stream
+
+    async def receive_some(self, max_bytes: int) -> bytes:
+        from libp2p.io.exceptions import IOException
+
+        try:
+            return await self.stream.read(max_bytes)
+        except (IOException, EOFError):
+            return b""
+
+    async def send_all(self, data: bytes) -> None:
+        from libp2p.io.exceptions import IOException
+
+        try:
+            await self.stream.write(data)
+        except IOException as exc:
+            raise ConnectionLost(f"stream closed while writing: {exc!r}") from exc
+
+    async def aclose(self) -> None:
+        try:
+            await self.stream.close()
+        except Exception:  # noqa: BLE001 - closing a dead stream must never raise
+            pass
+
+    async def reset(self) -> None:
+        try:
+            await self.stream.reset()
+        except Exception:  # noqa: BLE001
+            pass
+
+
+class TrioByteStream:
+    """Adapts a `trio.abc.Stream` (Unix socket, TCP, in-memory test streams)."""
+
+    def __init__(self, stream: trio.abc.Stream) -> None:
+        self.stream = stream
+
+    async def receive_some(self, max_bytes: int) -> bytes:
+        try:
+            return await self.stream.receive_some(max_bytes)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            return b""
+
+    async def send_all(self, data: bytes) -> None:
+        try:
+            await self.stream.send_all(data)
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            raise ConnectionLost(f"stream closed while writing: {exc!r}") from exc
+
+    async def aclose(self) -> None:
+        await self.stream.aclose()
+
+
+class FramedChannel:
+    """Reads and writes whole messages; enforces the frame cap before reading a payload."""
+
+    def __init__(self, stream: ByteStream, max_frame: int) -> None:
+        self.stream = stream
+        self.max_frame = max_frame
+        self._buffer = bytearray()
+
+    async def _read_exactly(self, n: int) -> bytes:
+        while len(self._buffer) < n:
+            chunk = await self.stream.receive_some(max(n - len(self._buffer), 65536))
+            if not chunk:
+                if self._buffer:
+                    raise ConnectionLost(f"stream ended in the middle of a frame ({len(self._buffer)} of {n} bytes)")
+                raise ConnectionLost("stream ended")
+            self._buffer += chunk
+        data = bytes(self._buffer[:n])
+        del self._buffer[:n]
+        return data
+
+    async def read_message(self) -> dict:
+        """One decoded msgpack map. Raises WireError (bad frame) or ConnectionLost."""
+        length = parse_header(await self._read_exactly(HEADER_SIZE), self.max_frame)
+        return decode_payload(await self._read_exactly(length))
+
+    async def write_message(self, message: dict) -> None:
+        await self.stream.send_all(encode_frame(message))
+
+    async def aclose(self) -> None:
+        await self.stream.aclose()
+
+
+__all__ = [
+    "ByteStream",
+    "ConnectionLost",
+    "FramedChannel",
+    "Libp2pByteStream",
+    "TrioByteStream",
+    "WireError",
+]

@@ -1,0 +1,1 @@
+"""Serving blocks to peers: limits, the compute queue, RPC handlers."""
