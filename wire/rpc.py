@@ -1,0 +1,226 @@
+"""Messages servers and clients say to each other (server RPCs), protocol version 1.
+
+Inference runs on one long-lived stream per session:
+    OpenSession -> SessionOpened, then Step -> StepResult ..., then CloseSession.
+After a server failure the client replays the inputs it cached for that span to the
+replacement as ordinary Steps with replay=True, which rebuild its KV cache.
+Stateless calls: Forward -> ForwardResult, Backward -> BackwardResult, Info -> InfoResult,
+Ping -> Pong. Any request may be answered by Error.
+
+Blocks are half-open intervals [start, end). `compression` names how the tensors of a
+message travel ("none", "float16", "int8"); a reply uses the request's (or session's).
+Hidden states are (batch, sequence, hidden) floating tensors.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+
+from .errors import ErrorCode, WireError, bad_request
+from .fields import (
+    BLOCK,
+    COMPRESSION,
+    COUNTER,
+    HIDDEN,
+    MODEL_ID,
+    PROMPTS,
+    SESSION_ID,
+    UINT64_MAX,
+    Flag,
+    Int,
+    Maybe,
+    PlainMap,
+    TensorSpec,
+    Text,
+    wired,
+)
+from .schema import Message, register
+
+MAX_LENGTH = 2**20
+"""Largest max_length (tokens) an OpenSession may ask for."""
+MAX_BATCH = 2**16
+MAX_ERROR_MESSAGE = 4096
+"""Error.message is cut to this many characters by Error.from_exception."""
+
+
+def _check_interval(msg: Any) -> None:
+    if msg.end <= msg.start:
+        raise bad_request(f"{msg.TYPE}: block interval [{msg.start}, {msg.end}) is empty")
+
+
+@register
+@dataclass(frozen=True, eq=False)
+class OpenSession(Message):
+    """Reserve a KV cache for blocks [start, end) of `model_id`; the stream is the session."""
+
+    TYPE: ClassVar[str] = "open_session"
+    model_id: str = wired(MODEL_ID)
+    start: int = wired(BLOCK)
+    end: int = wired(BLOCK)
+    max_length: int = wired(Int(1, MAX_LENGTH))
+    batch_size: int = wired(Int(1, MAX_BATCH))
+    compression: str = wired(COMPRESSION)
+    session_id: str = wired(SESSION_ID)
+
+    def validate(self) -> None:
+        _check_interval(self)
+
+
+@register
+@dataclass(frozen=True, eq=False)
+class SessionOpened(Message):
+    TYPE: ClassVar[str] = "session_opened"
+    session_id: str = wired(SESSION_ID)
+    start: int = wired(BLOCK)
+    end: int = wired(BLOCK)
+    free_cache_tokens: int = wired(COUNTER)
+
+    def validate(self) -> None:
+        _check_interval(self)
+
+
+@register
+@dataclass(frozen=True, eq=False)
+class Step(Message):
+    """One incremental step; start/end, when set, narrow the session's blocks for this step."""
+
+    TYPE: ClassVar[str] = "step"
+    hidden: torch.Tensor = wired(HIDDEN)
+    step_id: int = wired(COUNTER)
+    start: int | None = wired(Maybe(BLOCK), default=None)
+    end: int | None = wired(Maybe(BLOCK), default=None)
+    replay: bool = wired(Flag(), default=False)
+    compression: str = wired(COMPRESSION, default="none")
+
+    def validate(self) -> None:
+        if self.start is not None and self.end is not None:
+            _check_interval(self)
+
+
+@register
+@dataclass(frozen=True, eq=False)
+class StepResult(Message):
+    TYPE: ClassVar[str] = "step_result"
+    hidden: torch.Tensor = wired(HIDDEN)
+    step_id: int = wired(COUNTER)
+    cache_length: int = wired(COUNTER)
+    compression: str = wired(COMPRESSION, default="none")
+
+
+@register
+@dataclass(frozen=True, eq=False)
+class CloseSession(Message):
+    TYPE: ClassVar[str] = "close_session"
+
+
+@register
+@dataclass(frozen=True, eq=False)
+class Forward(Message):
+    """Stateless forward through blocks [start, end) (training, or inference without cache)."""
+
+    TYPE: ClassVar[str] = "forward"
+    model_id: str = wired(MODEL_ID)
+    start: int = wired(BLOCK)
+    end: int = wired(BLOCK)
+    hidden: torch.Tensor = wired(HIDDEN)
+    prompts: torch.Tensor | None = wired(PROMPTS, default=None)
+    compression: str = wired(COMPRESSION, default="none")
+
+    def validate(self) -> None:
+        _check_interval(self)
+
+
+@register
+@dataclass(frozen=True, eq=False)
+class ForwardResult(Message):
+    TYPE: ClassVar[str] = "forward_result"
+    hidden: torch.Tensor = wired(HIDDEN)
+    compression: str = wired(COMPRESSION, default="none")
+
+
+@register
+@dataclass(frozen=True, eq=False)
+class Backward(Message):
+    """Gradients w.r.t. the span's inputs (and prompts) given the gradient of its output."""
+
+    TYPE: ClassVar[str] = "backward"
+    model_id: str = wired(MODEL_ID)
+    start: int = wired(BLOCK)
+    end: int = wired(BLOCK)
+    hidden: torch.Tensor = wired(HIDDEN)
+    grad_out: torch.Tensor = wired(HIDDEN)
+    prompts: torch.Tensor | None = wired(PROMPTS, default=None)
+    compression: str = wired(COMPRESSION, default="none")
+
+    def validate(self) -> None:
+        _check_interval(self)
+        if self.grad_out.shape != self.hidden.shape:
+            raise bad_request(
+                f"backward.grad_out shape {tuple(self.grad_out.shape)} differs from "
+                f"hidden shape {tuple(self.hidden.shape)}"
+            )
+
+
+@register
+@dataclass(frozen=True, eq=False)
+class BackwardResult(Message):
+    TYPE: ClassVar[str] = "backward_result"
+    grad_hidden: torch.Tensor = wired(HIDDEN)
+    grad_prompts: torch.Tensor | None = wired(Maybe(TensorSpec(floating=True)), default=None)
+    compression: str = wired(COMPRESSION, default="none")
+
+
+@register
+@dataclass(frozen=True, eq=False)
+class Info(Message):
+    TYPE: ClassVar[str] = "info"
+
+
+@register
+@dataclass(frozen=True, eq=False)
+class InfoResult(Message):
+    """The server's announced record and its current load, as plain maps."""
+
+    TYPE: ClassVar[str] = "info_result"
+    record: dict[str, Any] = wired(PlainMap())
+    load: dict[str, Any] = wired(PlainMap())
+
+
+@register
+@dataclass(frozen=True, eq=False)
+class Ping(Message):
+    TYPE: ClassVar[str] = "ping"
+    nonce: int = wired(Int(0, UINT64_MAX))
+
+
+@register
+@dataclass(frozen=True, eq=False)
+class Pong(Message):
+    TYPE: ClassVar[str] = "pong"
+    nonce: int = wired(Int(0, UINT64_MAX))
+
+
+@register
+@dataclass(frozen=True, eq=False)
+class Error(Message):
+    """A structured failure. `code` is usually an ErrorCode; a peer must accept codes it does
+    not know (newer peers may add some) and treat them as generic failures."""
+
+    TYPE: ClassVar[str] = "error"
+    code: str = wired(Text(64, pattern=r"[a-z][a-z0-9_]*"))
+    message: str = wired(Text(MAX_ERROR_MESSAGE, min_len=0))
+    details: dict[str, Any] = wired(PlainMap(), default_factory=dict)
+
+    @classmethod
+    def from_exception(cls, exc: BaseException) -> Error:
+        """The Error to send for `exc`: its own code for a WireError, else "internal"."""
+        if isinstance(exc, WireError):
+            return cls(exc.code, exc.message[:MAX_ERROR_MESSAGE], exc.details)
+        return cls(ErrorCode.INTERNAL, f"{type(exc).__name__}: {exc}"[:MAX_ERROR_MESSAGE])
+
+    def to_exception(self) -> WireError:
+        """This error as a raisable WireError (what a client raises on receiving it)."""
+        return WireError(self.code, self.message, self.details)
