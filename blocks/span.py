@@ -1,0 +1,286 @@
+"""A span: the contiguous blocks [start, end) of one model that a server holds.
+
+`Span.load` reads only those blocks' tensors from an HF checkpoint. Three ways to run them:
+`forward` (whole sequences from position 0, no grad), `step` (new tokens appended to a KVCache,
+for generation) and `backward` (gradients w.r.t. the inputs and the deep prompts, for clients
+that fine-tune; the weights themselves never get gradients and are never modified).
+
+Every method also takes an absolute sub-interval [start, end) of the span, so one loaded span
+can serve a client that needs only part of it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from .cache import KVCache, cache_bytes_per_token
+from .checkpoint import Checkpoint
+from .config import ModelConfig, load_config
+from .errors import BlockRangeError, CheckpointError, InputError
+from .families import family_of
+from .layers import AttnContext
+from .quant import check_quant, quantize_linears
+
+DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def check_dtype(dtype: torch.dtype | str) -> torch.dtype:
+    """Accept a torch dtype or its name ("bfloat16", "torch.float16")."""
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype.removeprefix("torch."), None)
+    if dtype not in DTYPES:
+        raise InputError(f"dtype must be one of {', '.join(map(str, DTYPES))}; got {dtype}")
+    return dtype
+
+
+def check_block_range(config: ModelConfig, start: int, end: int) -> None:
+    if not (
+        isinstance(start, int) and isinstance(end, int) and 0 <= start < end <= config.num_blocks
+    ):
+        raise BlockRangeError(
+            f"block range [{start}, {end}) is outside the model's blocks [0, {config.num_blocks})"
+            " or empty"
+        )
+
+
+class Span:
+    """Blocks [start, end) of one model, loaded on one device in one dtype and quantization."""
+
+    def __init__(
+        self,
+        config: ModelConfig,
+        start: int,
+        end: int,
+        blocks: nn.ModuleList,
+        *,
+        dtype: torch.dtype,
+        device: torch.device,
+        quant: str,
+    ):
+        self.config, self.start, self.end = config, start, end
+        self.blocks = blocks
+        self.dtype, self.device, self.quant = dtype, torch.device(device), quant
+        self._positions = family_of(config).Positions(config, self.device)
+        self.nbytes = sum(t.numel() * t.element_size() for t in blocks.state_dict().values())
+
+    @classmethod
+    def load(
+        cls,
+        path: str | Path,
+        start: int,
+        end: int,
+        *,
+        dtype: torch.dtype | str = torch.float32,
+        quant: str = "none",
+        device: torch.device | str = "cpu",
+    ) -> Span:
+        """Load blocks [start, end) of the checkpoint at `path`, reading only their tensors."""
+        config = load_config(path)
+        family = family_of(config)
+        check_block_range(config, start, end)
+        dtype, quant, device = check_dtype(dtype), check_quant(quant), torch.device(device)
+        ckpt = Checkpoint(path)
+        layers = ckpt.base_prefix(family.BASE_PREFIXES, family.LAYERS) + family.LAYERS
+        blocks = nn.ModuleList()
+        for index in range(start, end):
+            with torch.device("meta"):
+                block = family.Block(config)
+            prefix = f"{layers}.{index}."
+            _load_state(block, ckpt, prefix, dtype)
+            blocks.append(quantize_linears(block, quant, device))
+        return cls(config, start, end, blocks, dtype=dtype, device=device, quant=quant)
+
+    def __repr__(self) -> str:
+        return (
+            f"Span({self.config.model_type}, blocks [{self.start}, {self.end}), {self.dtype}, "
+            f"quant={self.quant}, {self.device})"
+        )
+
+    # -- memory -------------------------------------------------------------------------------
+
+    def cache_bytes_per_token(
+        self, batch_size: int = 1, start: int | None = None, end: int | None = None
+    ) -> int:
+        """KV-cache bytes one more token position costs over the blocks of [start, end)."""
+        start, end = self._interval(start, end)
+        return cache_bytes_per_token(self.config, self.dtype, end - start, batch_size)
+
+    def new_cache(
+        self, batch_size: int, max_length: int, start: int | None = None, end: int | None = None
+    ) -> KVCache:
+        start, end = self._interval(start, end)
+        return KVCache(self.config, start, end, batch_size, max_length, self.dtype, self.device)
+
+    # -- compute ------------------------------------------------------------------------------
+
+    def forward(
+        self,
+        hidden: Tensor,
+        prompts: Tensor | None = None,
+        start: int | None = None,
+        end: int | None = None,
+    ) -> Tensor:
+        """Run blocks [start, end) over whole sequences [B, T, H] starting at position 0."""
+        start, end = self._interval(start, end)
+        x = self._check_hidden(hidden, "hidden")
+        prompts = self._check_prompts(prompts, end - start, x)
+        with torch.no_grad():
+            return self._run(x, start, end, self._positions(0, x.shape[1], self.dtype), prompts)
+
+    def step(self, hidden: Tensor, cache: KVCache, prompts: Tensor | None = None) -> Tensor:
+        """Run the cache's blocks over T >= 1 new tokens at positions cache.length.., appending
+        their keys and values. The cache advances only if the whole step succeeds."""
+        if not isinstance(cache, KVCache):
+            raise InputError(f"cache must be a KVCache; got {type(cache).__name__}")
+        self._interval(cache.start, cache.end)
+        if cache.dtype != self.dtype or cache.device != self.device:
+            raise InputError(
+                f"cache holds {cache.dtype} on {cache.device}; this span runs {self.dtype} on {self.device}"
+            )
+        x = self._check_hidden(hidden, "hidden")
+        batch, length = x.shape[:2]
+        if batch != cache.batch_size:
+            raise InputError(
+                f"hidden has batch size {batch}; the cache was made for {cache.batch_size}"
+            )
+        if cache.length + length > cache.max_length:
+            raise InputError(
+                f"{length} new tokens after {cache.length} cached exceed the cache's max_length "
+                f"{cache.max_length}"
+            )
+        prompts = self._check_prompts(prompts, cache.end - cache.start, x, in_step=True)
+        with torch.no_grad():
+            ctx = self._positions(cache.length, length, self.dtype)
+            out = self._run(x, cache.start, cache.end, ctx, prompts, cache)
+        cache.length += length
+        return out
+
+    def backward(
+        self,
+        hidden: Tensor,
+        grad_out: Tensor,
+        prompts: Tensor | None = None,
+        start: int | None = None,
+        end: int | None = None,
+    ) -> tuple[Tensor, Tensor | None]:
+        """Gradients of <forward(hidden, prompts), grad_out> w.r.t. hidden and prompts.
+
+        Recomputes the forward pass (the server keeps no activations between calls).
+        """
+        start, end = self._interval(start, end)
+        x = self._check_hidden(hidden, "hidden")
+        grad_out = self._check_hidden(grad_out, "grad_out")
+        if grad_out.shape != x.shape:
+            raise InputError(
+                f"grad_out must have the shape of hidden {tuple(x.shape)}; got {tuple(grad_out.shape)}"
+            )
+        prompts = self._check_prompts(prompts, end - start, x)
+        with torch.enable_grad():
+            x = x.detach().requires_grad_(True)
+            inputs = [x]
+            if prompts is not None:
+                prompts = prompts.detach().requires_grad_(True)
+                inputs.append(prompts)
+            out = self._run(x, start, end, self._positions(0, x.shape[1], self.dtype), prompts)
+            grads = torch.autograd.grad(out, inputs, grad_out)
+        return grads[0], (grads[1] if prompts is not None else None)
+
+    def _run(
+        self,
+        x: Tensor,
+        start: int,
+        end: int,
+        ctx: AttnContext,
+        prompts: Tensor | None,
+        cache: KVCache | None = None,
+    ) -> Tensor:
+        for index in range(start, end):
+            if prompts is not None:
+                x = _add_prompt(x, prompts[index - start], ctx.pos)
+            kv = None
+            if cache is not None:
+                kv = (cache.keys[index - cache.start], cache.values[index - cache.start])
+            x = self.blocks[index - self.start](x, ctx, kv)
+        return x
+
+    # -- validation -----------------------------------------------------------------------------
+
+    def _interval(self, start: int | None, end: int | None) -> tuple[int, int]:
+        start = self.start if start is None else start
+        end = self.end if end is None else end
+        if not (
+            isinstance(start, int)
+            and isinstance(end, int)
+            and self.start <= start < end <= self.end
+        ):
+            raise BlockRangeError(
+                f"blocks [{start}, {end}) are not a non-empty part of this span's "
+                f"[{self.start}, {self.end})"
+            )
+        return start, end
+
+    def _check_hidden(self, hidden: Tensor, name: str) -> Tensor:
+        h = self.config.hidden_size
+        if not isinstance(hidden, Tensor):
+            raise InputError(f"{name} must be a tensor; got {type(hidden).__name__}")
+        if hidden.dim() != 3 or hidden.shape[-1] != h or hidden.shape[0] < 1 or hidden.shape[1] < 1:
+            raise InputError(
+                f"{name} must have shape [batch, tokens, {h}]; got {tuple(hidden.shape)}"
+            )
+        if hidden.dtype != self.dtype:
+            raise InputError(f"{name} must be {self.dtype}; got {hidden.dtype}")
+        return hidden.to(self.device)
+
+    def _check_prompts(
+        self, prompts: Tensor | None, num_blocks: int, x: Tensor, in_step: bool = False
+    ) -> Tensor | None:
+        if prompts is None:
+            return None
+        h, (batch, length) = self.config.hidden_size, x.shape[:2]
+        if not isinstance(prompts, Tensor):
+            raise InputError(f"prompts must be a tensor; got {type(prompts).__name__}")
+        ok = (
+            prompts.dim() == 4
+            and prompts.shape[0] == num_blocks
+            and prompts.shape[1] in (1, batch)
+            and prompts.shape[3] == h
+            and (in_step or prompts.shape[2] <= length)
+        )
+        if not ok:
+            longest = "P" if in_step else f"P<={length}"
+            raise InputError(
+                f"prompts must have shape [{num_blocks}, 1 or {batch}, {longest}, {h}]; "
+                f"got {tuple(prompts.shape)}"
+            )
+        if prompts.dtype != self.dtype:
+            raise InputError(f"prompts must be {self.dtype}; got {prompts.dtype}")
+        return prompts.to(self.device)
+
+
+def _add_prompt(x: Tensor, prompt: Tensor, pos: int) -> Tensor:
+    """Add prompt [B|1, P, H] to the positions [pos, pos+T) of x that fall below P (no in-place)."""
+    hi = min(prompt.shape[1], pos + x.shape[1])
+    if hi <= pos:
+        return x
+    head = x[:, : hi - pos] + prompt[:, pos:hi]
+    return torch.cat([head, x[:, hi - pos :]], dim=1)
+
+
+def _load_state(block: nn.Module, ckpt: Checkpoint, prefix: str, dtype: torch.dtype) -> None:
+    """Read the block's tensors (names = checkpoint names minus `prefix`) into the meta-built block."""
+    expected = block.state_dict()
+    tensors = ckpt.read([prefix + name for name in expected])
+    state = {}
+    for name, meta in expected.items():
+        tensor = tensors[prefix + name]
+        if tensor.shape != meta.shape:
+            raise CheckpointError(
+                f"tensor {prefix + name!r} has shape {tuple(tensor.shape)}; the config implies "
+                f"{tuple(meta.shape)}"
+            )
+        state[name] = tensor.to(dtype)
+    block.load_state_dict(state, assign=True)
+    block.requires_grad_(False)
