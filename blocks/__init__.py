@@ -1,1 +1,36 @@
-"""blocks."""
+"""Transformer blocks in plain torch that load HF-format checkpoints.
+
+A server loads a `Span` of blocks and runs `forward`, `step` (with a `KVCache`) and `backward`;
+a client loads `ClientParts` (embeddings, final norm, LM head). See DESIGN.md.
+"""
+
+from .cache import KVCache
+from .client import ClientParts
+from .config import ModelConfig, load_config
+from .errors import (
+    BlockRangeError,
+    BlocksError,
+    CheckpointError,
+    InputError,
+    MissingTensor,
+    UnsupportedArchitecture,
+)
+from .fingerprint import checkpoint_fingerprint
+from .span import Span
+from .throughput import measure_throughput
+
+__all__ = [
+    "BlockRangeError",
+    "BlocksError",
+    "CheckpointError",
+    "ClientParts",
+    "InputError",
+    "KVCache",
+    "MissingTensor",
+    "ModelConfig",
+    "Span",
+    "UnsupportedArchitecture",
+    "checkpoint_fingerprint",
+    "load_config",
+    "measure_throughput",
+]
