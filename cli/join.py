@@ -1,0 +1,51 @@
+"""`peerd join`: a client-only peer (serves no blocks), also from behind NAT or a firewall."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import click
+
+from cli.common import network_options, node_config, run_node
+
+
+@click.command()
+@network_options(default_host="0.0.0.0")
+@click.option(
+    "--test-record",
+    hidden=True,
+    metavar="MODEL_ID:START:END",
+    help="Announce a fake server record (tests and demos only).",
+)
+def join(test_record: str | None, **opts: Any) -> None:
+    """Join a swarm as a client-only peer, or start one with --new-swarm.
+
+    The daemon connects outward to --initial-peers, relays for others when it is reachable,
+    and takes relay reservations when it is not.
+    """
+    from peerd.node import Node
+
+    config = node_config(opts)
+    node = Node(config)
+    if test_record:
+        node.set_record_provider(_fake_record_provider(node, test_record))
+    run_node(node, opts["log_level"])
+
+
+def _fake_record_provider(node: Any, spec: str) -> Any:
+    from peerd.records import ServerRecord, State
+
+    try:
+        model_id, start, end = spec.rsplit(":", 2)
+        start_i, end_i = int(start), int(end)
+    except ValueError:
+        raise click.BadParameter(
+            "expected MODEL_ID:START:END", param_hint="--test-record"
+        ) from None
+
+    def provide() -> ServerRecord:
+        return ServerRecord(
+            model_id=model_id, peer_id=node.peer_id, start=start_i, end=end_i, state=State.ONLINE
+        )
+
+    return provide
