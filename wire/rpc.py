@@ -43,7 +43,7 @@ MAX_LENGTH = 2**20
 """Largest max_length (tokens) an OpenSession may ask for."""
 MAX_BATCH = 2**16
 MAX_ERROR_MESSAGE = 4096
-"""Error.message is cut to this many characters by Error.from_exception."""
+"""Longer Error.message strings are cut to this many characters (sending or receiving)."""
 
 
 def _check_interval(msg: Any) -> None:
@@ -214,12 +214,18 @@ class Error(Message):
     message: str = wired(Text(MAX_ERROR_MESSAGE, min_len=0))
     details: dict[str, Any] = wired(PlainMap(), default_factory=dict)
 
+    def __post_init__(self) -> None:
+        # an error report must not fail for being long: cut it instead of refusing it
+        if isinstance(self.message, str) and len(self.message) > MAX_ERROR_MESSAGE:
+            object.__setattr__(self, "message", self.message[: MAX_ERROR_MESSAGE - 3] + "...")
+        super().__post_init__()
+
     @classmethod
     def from_exception(cls, exc: BaseException) -> Error:
         """The Error to send for `exc`: its own code for a WireError, else "internal"."""
         if isinstance(exc, WireError):
-            return cls(exc.code, exc.message[:MAX_ERROR_MESSAGE], exc.details)
-        return cls(ErrorCode.INTERNAL, f"{type(exc).__name__}: {exc}"[:MAX_ERROR_MESSAGE])
+            return cls(exc.code, exc.message, exc.details)
+        return cls(ErrorCode.INTERNAL, f"{type(exc).__name__}: {exc}")
 
     def to_exception(self) -> WireError:
         """This error as a raisable WireError (what a client raises on receiving it)."""

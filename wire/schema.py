@@ -121,7 +121,9 @@ def parse_message(d: object) -> Message:
             f"protocol version {version} is not supported (this peer speaks {PROTOCOL_VERSION})",
             {"supported": sorted(SUPPORTED_VERSIONS)},
         )
-    kind = d.get("type")
+    if "type" not in d:
+        raise bad_request("message has no 'type'")
+    kind = d["type"]
     cls = _REGISTRY.get(kind) if isinstance(kind, str) else None
     if cls is None:
         raise bad_request(f"unknown message type {kind!r}"[:200])

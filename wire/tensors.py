@@ -82,13 +82,16 @@ def decode_tensor(obj: object) -> torch.Tensor:
     if not isinstance(obj, dict):
         raise bad_request(f"a tensor must be a map, got {type(obj).__name__}")
     compression = obj.get("compression")
-    if compression not in COMPRESSIONS:
-        raise bad_request(f"tensor has unknown compression {compression!r}")
     keys = _INT8_KEYS if compression == "int8" else _BASE_KEYS
     if obj.keys() != keys:
-        missing = sorted(keys - obj.keys())
-        extra = sorted(map(repr, obj.keys() - keys))
-        raise bad_request(f"tensor fields wrong: missing {missing}, unexpected {extra}")
+        problems = []
+        if keys - obj.keys():
+            problems.append(f"missing {sorted(keys - obj.keys())}")
+        if obj.keys() - keys:
+            problems.append(f"unexpected {sorted(repr(k)[:40] for k in obj.keys() - keys)[:5]}")
+        raise bad_request(f"tensor map has wrong fields: {'; '.join(problems)}")
+    if compression not in COMPRESSIONS:
+        raise bad_request(f"tensor has unknown compression {compression!r}"[:120])
     name = obj["dtype"]
     dtype = DTYPES.get(name) if isinstance(name, str) else None
     if dtype is None:
@@ -148,8 +151,7 @@ def _frombuffer(data: memoryview, dtype: torch.dtype, numel: int) -> torch.Tenso
 
 
 def _decode_raw(data: memoryview, dtype: torch.dtype, numel: int) -> torch.Tensor:
-    itemsize = torch.empty((), dtype=dtype).element_size()
-    _expect_bytes(data, numel * itemsize, f"{_NAMES[dtype]} data")
+    _expect_bytes(data, numel * dtype.itemsize, f"{_NAMES[dtype]} data")
     if dtype is not torch.bool:
         return _frombuffer(data, dtype, numel)
     octets = _frombuffer(data, torch.uint8, numel)
