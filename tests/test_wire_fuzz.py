@@ -1,7 +1,7 @@
 """Fuzzing the receive path: random and mutated frames must yield a message or a WireError.
 
-Hypothesis drives 12,000 inputs in all: random bytes (2,000), byte-level mutations of valid
-frames (flips, inserts, deletes, duplications, truncation; 600 shrinkable cases plus 8,000
+Hypothesis drives 12,500 inputs in all: random bytes (1,500), byte-level mutations of valid
+frames (flips, inserts, deletes, duplications, truncation; 600 shrinkable cases plus 9,000
 in seeded batches of 10, hypothesis' own overhead being ~1-4 ms per case here), fed whole
 and through FrameDecoder in random chunks, field-level mutations (swapped, dropped, added,
 replaced values; 800) and random tensor maps (600). Anything that parses must be sendable
@@ -115,7 +115,7 @@ def _stream(data: bytes, cuts: list[int]) -> None:
                 pass
 
 
-@fuzz(2000)
+@fuzz(1500)
 @given(st.binary(max_size=400))
 def test_random_payloads_give_message_or_wire_error(payload: bytes) -> None:
     _receive(payload)
@@ -193,7 +193,7 @@ def _random_mutations(rng: random.Random) -> list[tuple]:
     return out
 
 
-@fuzz(800)
+@fuzz(900)
 @given(st.integers(0, 2**32))
 def test_seeded_batches_of_mutated_frames(seed: int) -> None:
     rng = random.Random(seed)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -117,7 +119,7 @@ def test_every_registered_message_has_a_strategy():
     assert registered == set(MESSAGES)
 
 
-@settings(max_examples=400, deadline=None)
+@settings(max_examples=250, deadline=None)
 @given(st.one_of(*MESSAGES.values()))
 def test_every_message_round_trips_exactly(message):
     wire_form = message.to_wire()
@@ -307,3 +309,26 @@ def test_equality_compares_tensor_values():
     assert a != wire.StepResult(torch.ones(1, 1, 2).half(), 1, 1)
     assert a != wire.StepResult(torch.zeros(1, 1, 2), 1, 1)
     assert a != wire.StepResult(torch.ones(1, 1, 2), 1, 2)
+
+
+def test_framing_and_tensor_free_messages_work_without_torch():
+    """The light client (stdlib + msgpack) shares this codec; torch loads only for tensors."""
+    step_frame = encode_frame(wire.Step(torch.zeros(1, 1, 2), 1).to_wire())
+    script = f"""
+import sys
+sys.modules["torch"] = None  # any import of torch now fails
+import wire
+from wire import FrameDecoder, OpenSession, Ping, WireError, encode_frame, parse_message
+sent = [Ping(7), OpenSession("m", 0, 2, 64, 1, "int8", "s"), wire.Error("busy", "later")]
+maps = FrameDecoder().feed(b"".join(encode_frame(m.to_wire()) for m in sent))
+assert [parse_message(d) for d in maps] == sent
+try:
+    parse_message(FrameDecoder().feed({step_frame!r})[0])
+except WireError as exc:
+    assert exc.code == "internal" and "needs torch" in exc.message, exc
+else:
+    raise AssertionError("a tensor was decoded without torch")
+assert "torch" not in [m for m in sys.modules if sys.modules[m] is not None]
+"""
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr

@@ -3,13 +3,18 @@
 Pure functions over bytes: no I/O, no trio, no libp2p. The daemon reads; wire parses. Every
 problem with received bytes raises `WireError(code, message)` and nothing else.
 
+torch is imported only when a tensor is encoded or decoded (or `encode_tensor`,
+`decode_tensor`, `DTYPES`, `INT8_BLOCK` are first looked up), so a process without torch can
+still frame, parse and build every tensor-free message.
+
 Sending:   encode_frame(msg.to_wire())
 Receiving: n = parse_header(four_bytes, max_frame); then read n bytes;
            msg = parse_message(decode_payload(payload))
            (or FrameDecoder(max_frame).feed(chunk) -> list of maps)
 """
 
-from .compression import INT8_BLOCK
+from typing import Any
+
 from .errors import ErrorCode, WireError
 from .fields import Flag, Int, Maybe, PlainMap, Spec, TensorSpec, Text, wired
 from .framing import (
@@ -20,6 +25,7 @@ from .framing import (
     encode_frame,
     parse_header,
 )
+from .names import COMPRESSIONS
 from .rpc import (
     Backward,
     BackwardResult,
@@ -44,7 +50,23 @@ from .schema import (
     parse_message,
     register,
 )
-from .tensors import COMPRESSIONS, DTYPES, decode_tensor, encode_tensor
+
+_NEED_TORCH = {
+    "encode_tensor": "tensors",
+    "decode_tensor": "tensors",
+    "DTYPES": "tensors",
+    "INT8_BLOCK": "compression",
+}
+
+
+def __getattr__(name: str) -> Any:
+    """Load the torch-backed names on first use."""
+    if name not in _NEED_TORCH:
+        raise AttributeError(f"module 'wire' has no attribute {name!r}")
+    import importlib
+
+    return getattr(importlib.import_module(f".{_NEED_TORCH[name]}", __name__), name)
+
 
 __all__ = [
     "COMPRESSIONS",

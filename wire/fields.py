@@ -8,13 +8,12 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import sys
 from typing import Any
 
-import torch
-
-from .errors import WireError, bad_request
+from .errors import ErrorCode, WireError, bad_request
 from .guard import MAX_DEPTH
-from .tensors import COMPRESSIONS, MAX_NDIM, decode_tensor, encode_tensor
+from .names import COMPRESSIONS, MAX_NDIM
 
 INT64_MIN, UINT64_MAX = -(2**63), 2**64 - 1  # what msgpack can carry
 
@@ -91,7 +90,8 @@ class TensorSpec(Spec):
         self.floating, self.ndim = floating, ndim
 
     def check(self, where: str, value: Any) -> None:
-        if not isinstance(value, torch.Tensor):
+        torch = sys.modules.get("torch")  # never imported: value cannot be a tensor
+        if torch is None or not isinstance(value, torch.Tensor):
             raise bad_request(f"{where} must be a tensor, got {type(value).__name__}")
         if self.floating and not value.dtype.is_floating_point:
             raise bad_request(f"{where} must have a floating dtype, got {value.dtype}")
@@ -99,10 +99,16 @@ class TensorSpec(Spec):
             expected = self.ndim if self.ndim is not None else f"at most {MAX_NDIM}"
             raise bad_request(f"{where} must have {expected} dims, got shape {tuple(value.shape)}")
 
-    def to_wire(self, value: torch.Tensor, compression: str) -> dict[str, Any]:
+    def to_wire(self, value: Any, compression: str) -> dict[str, Any]:
+        from .tensors import encode_tensor  # value is a tensor: torch is loaded already
+
         return encode_tensor(value, compression)
 
-    def from_wire(self, where: str, value: Any) -> torch.Tensor:
+    def from_wire(self, where: str, value: Any) -> Any:
+        try:
+            from .tensors import decode_tensor  # torch loads with the first tensor received
+        except ImportError as exc:
+            raise WireError(ErrorCode.INTERNAL, f"{where}: decoding tensors needs torch") from exc
         try:
             tensor = decode_tensor(value)
         except WireError as exc:  # say which field held the bad tensor

@@ -15,9 +15,7 @@ Hidden states are (batch, sequence, hidden) floating tensors.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, ClassVar
-
-import torch
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from .errors import ErrorCode, WireError, bad_request
 from .fields import (
@@ -38,6 +36,9 @@ from .fields import (
     wired,
 )
 from .schema import Message, register
+
+if TYPE_CHECKING:
+    import torch
 
 MAX_LENGTH = 2**20
 """Largest max_length (tokens) an OpenSession may ask for."""

@@ -24,26 +24,11 @@ import torch
 
 from .compression import INT8_BLOCK, dequantize_int8, quantize_int8, to_float16
 from .errors import bad_request
+from .names import COMPRESSIONS, DTYPE_NAMES, MAX_DIM, MAX_NDIM
 
-DTYPES: dict[str, torch.dtype] = {
-    "float32": torch.float32,
-    "float16": torch.float16,
-    "bfloat16": torch.bfloat16,
-    "float64": torch.float64,
-    "int64": torch.int64,
-    "int32": torch.int32,
-    "int16": torch.int16,
-    "int8": torch.int8,
-    "uint8": torch.uint8,
-    "bool": torch.bool,
-}
+DTYPES: dict[str, torch.dtype] = {name: getattr(torch, name) for name in DTYPE_NAMES}
 _NAMES = {dtype: name for name, dtype in DTYPES.items()}
 
-COMPRESSIONS = ("none", "float16", "int8")
-"""Lossy ones apply to floating tensors only; other dtypes always travel as "none"."""
-
-MAX_NDIM = 8
-MAX_DIM = 2**31 - 1
 MAX_INT8_BLOCK = 65536
 
 _BASE_KEYS = frozenset({"dtype", "shape", "compression", "data"})

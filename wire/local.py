@@ -1,0 +1,267 @@
+"""Messages of the local Unix-socket API (scripts ↔ their daemon), protocol version 1.
+
+Same framing, envelope and tensor codec as the peer RPCs (see rpc.py); any request may be
+answered by `Error`. A script opens a chain and steps it, or asks the daemon to generate:
+
+    ListModels -> ModelList
+    OpenChain -> ChainOpened;  ChainStep -> ChainStepResult ...;  CloseChain -> ChainClosed
+    Generate -> GeneratedToken ... -> GenerationDone     (streamed on the same connection)
+    ChainForward -> ChainForwardResult;  ChainBackward -> ChainBackwardResult   (training)
+
+`model` in a request is either a model id from ListModels ("name@fingerprint") or a
+checkpoint directory on the daemon's machine: the daemon then loads the client-side parts
+(embeddings, final norm, LM head, tokenizer) from it once and serves its fingerprinted id.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+
+from .errors import bad_request
+from .fields import COMPRESSION, HIDDEN, PROMPTS, Flag, Int, Maybe, PlainMap, Spec, Text, wired
+from .schema import Message, register
+
+MODEL_REF = Text(4096)
+CHAIN_ID = Text(64)
+TRACE_ID = Text(64)
+MAX_LIST = 4096
+
+
+class Float(Spec):
+    """A finite float (ints accepted and converted) in [lo, hi]."""
+
+    def __init__(self, lo: float, hi: float) -> None:
+        self.lo, self.hi = lo, hi
+
+    def check(self, where: str, value: Any) -> None:
+        if (
+            type(value) not in (int, float)
+            or not math.isfinite(value)
+            or not self.lo <= value <= self.hi
+        ):
+            raise bad_request(f"{where} must be a number in [{self.lo}, {self.hi}], got {value!r}")
+
+    def from_wire(self, where: str, value: Any) -> float:
+        self.check(where, value)
+        return float(value)
+
+
+class ListOf(Spec):
+    """A list of at most `max_len` values of the inner spec (msgpack arrays)."""
+
+    def __init__(self, inner: Spec, max_len: int = MAX_LIST) -> None:
+        self.inner, self.max_len = inner, max_len
+
+    def check(self, where: str, value: Any) -> None:
+        if type(value) not in (list, tuple):
+            raise bad_request(f"{where} must be a list, got {type(value).__name__}")
+        if len(value) > self.max_len:
+            raise bad_request(f"{where} has {len(value)} items, at most {self.max_len} allowed")
+        for i, item in enumerate(value):
+            self.inner.check(f"{where}[{i}]", item)
+
+    def to_wire(self, value: Any, compression: str) -> Any:
+        return [self.inner.to_wire(v, compression) for v in value]
+
+    def from_wire(self, where: str, value: Any) -> Any:
+        if type(value) not in (list, tuple):
+            raise bad_request(f"{where} must be a list, got {type(value).__name__}")
+        if len(value) > self.max_len:
+            raise bad_request(f"{where} has {len(value)} items, at most {self.max_len} allowed")
+        return [self.inner.from_wire(f"{where}[{i}]", v) for i, v in enumerate(value)]
+
+
+class HopSpec(Spec):
+    """One hop of a route: [peer_id, start, end]."""
+
+    def check(self, where: str, value: Any) -> None:
+        if (
+            type(value) not in (list, tuple)
+            or len(value) != 3
+            or type(value[0]) is not str
+            or type(value[1]) is not int
+            or type(value[2]) is not int
+        ):
+            raise bad_request(f"{where} must be [peer_id, start, end], got {value!r:.80}")
+
+    def from_wire(self, where: str, value: Any) -> Any:
+        self.check(where, value)
+        return (value[0], value[1], value[2])
+
+
+PEER_LIST = Maybe(ListOf(Text(128)))
+ROUTE = ListOf(HopSpec(), 1 << 16)
+
+
+@register
+@dataclass(frozen=True, eq=False)
+class ListModels(Message):
+    TYPE: ClassVar[str] = "list_models"
+
+
+@register
+@dataclass(frozen=True, eq=False)
+class ModelList(Message):
+    """{model_id: {"num_blocks", "coverage": [servers per block], "servers": [record maps]}}."""
+
+    TYPE: ClassVar[str] = "model_list"
+    models: dict[str, Any] = wired(PlainMap())
+
+
+@register
+@dataclass(frozen=True, eq=False)
+class OpenChain(Message):
+    TYPE: ClassVar[str] = "open_chain"
+    model: str = wired(MODEL_REF)
+    max_length: int = wired(Int(1, 2**20))
+    batch_size: int = wired(Int(1, 2**16), default=1)
+    compression: str = wired(COMPRESSION, default="none")
+    allow: list[str] | None = wired(PEER_LIST, default=None)
+    deny: list[str] | None = wired(PEER_LIST, default=None)
+
+
+@register
+@dataclass(frozen=True, eq=False)
+class ChainOpened(Message):
+    TYPE: ClassVar[str] = "chain_opened"
+    chain_id: str = wired(CHAIN_ID)
+    model_id: str = wired(Text(256))
+    num_blocks: int = wired(Int(0, 2**16))
+    route: list[Any] = wired(ROUTE)
+
+
+@register
+@dataclass(frozen=True, eq=False)
+class ChainStep(Message):
+    TYPE: ClassVar[str] = "chain_step"
+    chain_id: str = wired(CHAIN_ID)
+    hidden: torch.Tensor = wired(HIDDEN)
+    compression: str = wired(COMPRESSION, default="none")
+
+
+@register
+@dataclass(frozen=True, eq=False)
+class ChainStepResult(Message):
+    TYPE: ClassVar[str] = "chain_step_result"
+    hidden: torch.Tensor = wired(HIDDEN)
+    route: list[Any] = wired(ROUTE)
+    recoveries: int = wired(Int(0, 2**31), default=0)
+    compression: str = wired(COMPRESSION, default="none")
+
+
+@register
+@dataclass(frozen=True, eq=False)
+class CloseChain(Message):
+    TYPE: ClassVar[str] = "close_chain"
+    chain_id: str = wired(CHAIN_ID)
+
+
+@register
+@dataclass(frozen=True, eq=False)
+class ChainClosed(Message):
+    TYPE: ClassVar[str] = "chain_closed"
+    chain_id: str = wired(CHAIN_ID)
+
+
+@register
+@dataclass(frozen=True, eq=False)
+class Generate(Message):
+    """Generate from text (`prompt`) or token ids (`input_ids`, one row); exactly one of them."""
+
+    TYPE: ClassVar[str] = "generate"
+    model: str = wired(MODEL_REF)
+    prompt: str | None = wired(Maybe(Text(1 << 20, min_len=0)), default=None)
+    input_ids: list[int] | None = wired(Maybe(ListOf(Int(0, 2**31), 1 << 16)), default=None)
+    max_new_tokens: int = wired(Int(1, 1 << 16), default=32)
+    temperature: float = wired(Float(0.0, 100.0), default=0.0)
+    top_k: int = wired(Int(0, 1 << 20), default=0)
+    top_p: float = wired(Float(0.0, 1.0), default=1.0)
+    repetition_penalty: float = wired(Float(1e-3, 100.0), default=1.0)
+    stop: list[str] = wired(ListOf(Text(256), 64), default_factory=list)
+    seed: int | None = wired(Maybe(Int(0, 2**63 - 1)), default=None)
+    compression: str = wired(COMPRESSION, default="none")
+    allow: list[str] | None = wired(PEER_LIST, default=None)
+    deny: list[str] | None = wired(PEER_LIST, default=None)
+
+    def validate(self) -> None:
+        if (self.prompt is None) == (self.input_ids is None):
+            raise bad_request("generate needs exactly one of prompt and input_ids")
+        if self.input_ids is not None and not self.input_ids:
+            raise bad_request("generate.input_ids is empty")
+        if self.top_p == 0.0:
+            raise bad_request("generate.top_p must be > 0")
+
+
+@register
+@dataclass(frozen=True, eq=False)
+class GeneratedToken(Message):
+    """One new token; `text` is the decoded text it adds (may be "" mid-character)."""
+
+    TYPE: ClassVar[str] = "generated_token"
+    token_id: int = wired(Int(0, 2**31))
+    text: str = wired(Text(1 << 16, min_len=0))
+
+
+@register
+@dataclass(frozen=True, eq=False)
+class GenerationDone(Message):
+    TYPE: ClassVar[str] = "generation_done"
+    token_ids: list[int] = wired(ListOf(Int(0, 2**31), 1 << 16))
+    text: str = wired(Text(1 << 22, min_len=0))
+    stop_reason: str = wired(Text(16, choices=("length", "eos", "stop")))
+    route: list[Any] = wired(ROUTE)
+    recoveries: list[Any] = wired(ListOf(PlainMap(), 1024), default_factory=list)
+
+
+@register
+@dataclass(frozen=True, eq=False)
+class ChainForward(Message):
+    TYPE: ClassVar[str] = "chain_forward"
+    model: str = wired(MODEL_REF)
+    hidden: torch.Tensor = wired(HIDDEN)
+    prompts: torch.Tensor | None = wired(PROMPTS, default=None)
+    compression: str = wired(COMPRESSION, default="none")
+    keep_trace: bool = wired(Flag(), default=True)
+
+
+@register
+@dataclass(frozen=True, eq=False)
+class ChainForwardResult(Message):
+    TYPE: ClassVar[str] = "chain_forward_result"
+    hidden: torch.Tensor = wired(HIDDEN)
+    trace_id: str | None = wired(Maybe(TRACE_ID), default=None)
+    compression: str = wired(COMPRESSION, default="none")
+
+
+@register
+@dataclass(frozen=True, eq=False)
+class ChainBackward(Message):
+    """Gradients through the chain; with the forward's `trace_id` nothing is recomputed."""
+
+    TYPE: ClassVar[str] = "chain_backward"
+    model: str = wired(MODEL_REF)
+    hidden: torch.Tensor = wired(HIDDEN)
+    grad_out: torch.Tensor = wired(HIDDEN)
+    prompts: torch.Tensor | None = wired(PROMPTS, default=None)
+    trace_id: str | None = wired(Maybe(TRACE_ID), default=None)
+    compression: str = wired(COMPRESSION, default="none")
+
+    def validate(self) -> None:
+        if self.grad_out.shape != self.hidden.shape:
+            raise bad_request(
+                f"chain_backward.grad_out shape {tuple(self.grad_out.shape)} differs from "
+                f"hidden shape {tuple(self.hidden.shape)}"
+            )
+
+
+@register
+@dataclass(frozen=True, eq=False)
+class ChainBackwardResult(Message):
+    TYPE: ClassVar[str] = "chain_backward_result"
+    grad_hidden: torch.Tensor = wired(HIDDEN)
+    grad_prompts: torch.Tensor | None = wired(PROMPTS, default=None)
+    compression: str = wired(COMPRESSION, default="none")
