@@ -103,11 +103,17 @@ class RoutePlanner:
         if block not in self.graph.sources.get(prev_peer, ()):
             self.graph.add_source(block, prev_peer)
             self._rebuild(source)
-        self._settle(source)
-        if min(self.g.get(source, INF), self.rhs.get(source, INF)) == INF:
-            gap = first_gap(self.graph.spans.values(), block, self.end)
-            raise NoRouteError(gap or (block, self.end))
-        return self._extract(source)
+        while True:
+            self._settle(source)
+            if min(self.g.get(source, INF), self.rhs.get(source, INF)) == INF:
+                gap = first_gap(self.graph.spans.values(), block, self.end)
+                raise NoRouteError(gap or (block, self.end))
+            route, relaxed = self._extract(source)
+            if not relaxed:
+                return route
+            for v in relaxed:  # the route used a hub edge that undercharges: tighten, repair
+                self.graph.tighten(v)
+                self._rebuild(v)
 
     def update(self, changes: Iterable[Change]) -> None:
         """Apply swarm changes; only the vertices whose edges moved are re-queued."""
@@ -249,40 +255,56 @@ class RoutePlanner:
         self.expansions += expanded
 
     # ----- reading the route off the g values
-    def _steps(self, u: Vertex) -> list[tuple[float, float, Vertex]]:
-        """(edge cost, edge cost + g, next A/E/goal vertex), looking through hub vertices."""
-        out = []
-        g, succ = self.g, self.succ
-        for v, c in succ.get(u, {}).items():
-            stack = [v]
-            while stack:  # hub and tree edges cost 0, so c is the whole cost to the server
-                w = stack.pop()
-                if w[0] in ("H", "T"):
-                    stack.extend(succ.get(w, ()))
-                else:
-                    out.append((c, c + g.get(w, INF), w))
-        return out
+    def _steps(self, u: Vertex) -> list[tuple[float, float, Vertex, bool, bool]]:
+        """Ways on from u: (cost, cost + g, next A vertex or goal, new hop?, via the hub?).
 
-    def _extract(self, source: Vertex) -> Route:
+        One way per next vertex, the cheapest and on a tie not through the hub, so a hub
+        path never stands in for a measured link or for carrying on with the same server
+        (which a server holding block b always can).
+        """
+        best: dict[Vertex, tuple[float, float, Vertex, bool, bool]] = {}
+        g, succ = self.g, self.succ
+
+        def offer(step: tuple[float, float, Vertex, bool, bool]) -> None:
+            seen = best.get(step[2])
+            if seen is None or (step[0], step[4]) < (seen[0], seen[4]):
+                best[step[2]] = step
+
+        for v, c in succ.get(u, {}).items():
+            if v[0] == "H" or v[0] == "T":
+                stack = [v]
+                while stack:  # hub and upper tree edges cost 0, the last one enter(t)
+                    for x, cx in succ.get(stack.pop(), {}).items():
+                        if x[0] == "T":
+                            stack.append(x)
+                        else:
+                            offer((c + cx, c + (cx + g.get(x, INF)), x, True, True))
+            else:
+                new_hop = v[0] == "A" and (u[0] == "S" or v[2] != u[2])
+                offer((c, c + g.get(v, INF), v, new_hop, False))
+        return list(best.values())
+
+    def _extract(self, source: Vertex) -> tuple[Route, set[Vertex]]:
+        """Follow the g values from ``source``; also returns relaxed sources it misused."""
         budget = self.g[source] * (1.0 + self.tie_tolerance)
         hops: list[list] = []  # [peer, start, end]
+        relaxed: set[Vertex] = set()
         spent, u = 0.0, source
         while u != GOAL:
             steps = self._steps(u)
-            best = min(steps, key=lambda s: (s[1], s[2][0] != "A", str(s[2][1:])))
+            best = min(steps, key=lambda s: (s[1], s[3], str(s[2][1:])))
             if self.mode == "throughput":
                 fits = [s for s in steps if spent + s[1] <= budget]
-                fits.sort(key=lambda s: (s[2][0], str(s[2][1:])))
+                fits.sort(key=lambda s: (s[3], str(s[2][1:])))
                 best = self.rng.choice(fits) if fits else best
-            cost, _, v = best
+            cost, _, v, new_hop, via_hub = best
             spent += cost
-            if v[0] == "E":  # a new hop; its only edge leads into the server
-                _, b, peer = v
-                ((a, c),) = self.succ[v].items()
-                spent += c
-                hops.append([peer, b, b + 1])
-                v = a
-            elif v[0] == "A":
-                hops[-1][2] = v[1]
+            if v != GOAL:
+                if via_hub and self.graph.dear(u[2], v[2]):
+                    relaxed.add(u)
+                if new_hop:
+                    hops.append([v[2], v[1] - 1, v[1]])
+                else:
+                    hops[-1][2] = v[1]
             u = v
-        return Route(tuple(Hop(p, a, b) for p, a, b in hops), spent)
+        return Route(tuple(Hop(p, a, b) for p, a, b in hops), spent), relaxed

@@ -3,32 +3,37 @@
 Vertices (tuples, so they hash fast and print plainly):
 
 - ``("A", b, s)``: server ``s`` has computed blocks up to boundary ``b`` and may go on.
-- ``("E", b, s)``: a new hop enters server ``s`` at boundary ``b``.
 - ``("S", b, p)``: a source: the activations for boundary ``b`` sit at peer ``p`` (``None`` =
   the client) and the next hop is a new one. Made on demand for ``route_from``.
 - ``("H", b)`` and ``("T", b, level, i)``: the hub of boundary ``b`` and the nodes of its
   slot tree (``routing.hub``) over the servers entering there, for links nobody measured.
 - ``GOAL``: the client, holding the output of the last block.
 
-Edges and their costs (``half(p, t)`` is half the RTT of link p->t, see ``routing.cost``):
+Edges and their costs (``half(p, t)`` is half the RTT of link p->t, ``enter(t)`` is
+hop_overhead(t) + block_time(t), see ``routing.cost``):
 
 - ``A(b, s) -> A(b+1, s)``: block_time(s), while s holds block b: a hop may be any
   sub-interval of a server's span, so a hop of k blocks is one entry and k-1 continuations.
-- ``E(b, s) -> A(b+1, s)``: hop_overhead(s) + block_time(s).
-- switching out of ``A(b, p)`` or ``S(b, p)`` into ``E(b, t)`` for every t holding block b:
-  half(p, t). Measured links get a direct edge; all the others cost the same default,
-  so they share one edge ``-> H(b)`` (hub and tree edges cost 0). That keeps the edge
-  count linear in servers instead of quadratic. The hub is exact only if the source has no
-  measured link dearer than the default into this boundary; a source that has some
-  ("exclusive") links instead to the tree nodes holding none of those servers and directly
-  to the remaining servers (``SlotTree.avoiding``).
+- a new hop out of ``A(b, p)`` or ``S(b, p)`` into ``A(b+1, t)``, for every t holding
+  block b: half(p, t) + enter(t). Measured links get a direct edge; all the others cost
+  the same default, so they share one edge ``-> H(b)`` of cost half(default); hub and
+  tree edges cost 0 and a level-1 tree node leads into ``A(b+1, t)`` at enter(t). That
+  keeps the edge count linear in servers instead of quadratic.
 - ``A(end, s) -> GOAL`` and ``S(end, p) -> GOAL``: half(s, client) + transfer_time(s).
 
-Why it is exact: a route's cost is a sum of per-link, per-hop and per-block terms, so a
-path through A/E vertices costs what its route costs, and every route is such a path. A
-hub path reaching a server whose link was measured cheaper than the default is never
-better than the direct edge; a self re-entry ``A(b, s) -> E(b, s)`` costs at least the
-continuation. The reference search in ``routing.reference`` checks all this in tests.
+The hub is exact only for a source with no measured link dearer than the default into its
+boundary. Such a source starts "relaxed", with the hub edge anyway: its costs are then
+lower bounds. When the planner finds a route that crosses a relaxed hub edge into one of
+those dearer servers it makes the source "tight": edges to the tree nodes holding none of
+them and direct edges to the remaining servers (``SlotTree.avoiding``), then repairs. A
+route that crosses no such edge costs what the graph says, and no route is cheaper in a
+graph whose costs never exceed the true ones, so it is optimal (lazy edge evaluation).
+
+Why paths are routes: a route's cost is a sum of per-link, per-hop and per-block terms, so
+a path costs what its route costs, and every route is such a path. A hub path reaching a
+server whose link was measured cheaper than the default is never better than the direct
+edge; re-entering the same server costs at least the continuation. The reference search in
+``routing.reference`` checks all this in tests.
 """
 
 from __future__ import annotations
@@ -36,7 +41,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 from routing.cost import CostModel, RttTable
-from routing.hub import LEVELS, SlotTree
+from routing.hub import FANOUT, LEVELS, SlotTree
 from routing.types import ServerSpan
 
 Vertex = tuple
@@ -60,6 +65,7 @@ class SpanGraph:
         self.spans: dict[str, ServerSpan] = {}
         self.rtts = RttTable.build((), cost_model)
         self.trees: dict[int, SlotTree] = {b: SlotTree() for b in range(start, end)}
+        self.tight: set[Vertex] = set()  # sources whose hub edges avoid their dear links
         self.exclusive: dict[int, set[Vertex]] = {b: set() for b in range(start, end)}
         self.sources: dict[str | None, set[int]] = {}  # peer -> boundaries of S vertices
         for s in servers:  # no vertex has edges yet, so nothing to mark dirty
@@ -73,24 +79,22 @@ class SpanGraph:
 
     # ----- what exists
     def reach(self, span: ServerSpan | None) -> range:
-        """Boundaries where a hop may enter ``span`` (its E vertices) within the request."""
+        """Boundaries where a hop may enter ``span`` within the request."""
         if span is None:
             return range(0)
         return range(max(span.start, self.start), min(span.end, self.end))
 
     def server_vertices(self, peer: str) -> list[Vertex]:
-        """A and E vertices of a server, as it stands now."""
-        r = self.reach(self.spans.get(peer))
-        return [("E", b, peer) for b in r] + [("A", b + 1, peer) for b in r]
+        """A vertices of a server, as it stands now."""
+        return [("A", b + 1, peer) for b in self.reach(self.spans.get(peer))]
 
     def sources_of(self, peer: str | None, boundaries: Iterable[int] | None = None) -> set:
-        """Vertices whose switch edges start at ``peer`` (A for servers, S for anyone)."""
+        """Vertices whose new hops start at ``peer`` (A for servers, S for anyone)."""
         out: set[Vertex] = set()
         r = self.reach(self.spans.get(peer)) if peer is not None else range(0)
         a_range = range(r.start + 1, r.stop + 1)
         s_set = self.sources.get(peer, _NONE)
-        wanted = a_range if boundaries is None else boundaries
-        for b in wanted:
+        for b in a_range if boundaries is None else boundaries:
             if b in a_range:
                 out.add(("A", b, peer))
         for b in s_set if boundaries is None else s_set.intersection(boundaries):
@@ -112,6 +116,14 @@ class SpanGraph:
         self.sources.setdefault(peer, set()).add(block)
         return ("S", block, peer)
 
+    def dear(self, peer: str | None, t: str) -> bool:
+        """Whether the link peer -> t was measured dearer than the hub charges."""
+        return self.rtts.rtt(peer, t) > self.rtts.default
+
+    def tighten(self, v: Vertex) -> None:
+        """Stop ``v`` reaching its dear links through the hub (see the module docstring)."""
+        self.tight.add(v)
+
     # ----- changes: each returns the vertices whose out-edges may now differ
     def replace_server(self, peer: str, new: ServerSpan | None) -> set[Vertex]:
         """Add, update (``new``) or remove (``None``) a server.
@@ -122,12 +134,12 @@ class SpanGraph:
         old = self.spans.get(peer)
         if old is None and new is None:
             return set()
-        dirty = set(self.server_vertices(peer)) | self.sources_of(peer)
-        new_rtts = old is None or new is None or old.next_rtts != new.next_rtts
         old_reach, new_reach = set(self.reach(old)), set(self.reach(new))
-        if not new_rtts and old_reach == new_reach:
-            self.spans[peer] = new  # only per-server figures moved: its own edges change
-            return dirty
+        dirty = set(self.server_vertices(peer)) | self.sources_of(peer)
+        for b in old_reach:  # whatever leads into the server's A vertices
+            dirty.add(("T", b, 1, self.trees[b].slot_of[peer] // FANOUT))
+        new_rtts = old is None or new is None or old.next_rtts != new.next_rtts
+        near = old_reach | new_reach
         partners = set(self.rtts.partners(peer))
         if new is None:
             partners |= self.rtts.drop_source(peer)
@@ -138,45 +150,43 @@ class SpanGraph:
             self.spans[peer] = new
         partners |= self.rtts.partners(peer)
         for b in old_reach - new_reach:
-            dirty |= self._touched(b, self.trees[b].leave(peer), peer)
+            dirty |= self._touched(b, self.trees[b].leave(peer))
         for b in new_reach - old_reach:
-            dirty |= self._touched(b, self.trees[b].join(peer), peer)
+            dirty |= self._touched(b, self.trees[b].join(peer))
         dirty |= set(self.server_vertices(peer)) | self.sources_of(peer)
-        near = old_reach | new_reach
-        for p in partners:
+        for p in partners:  # direct edges into the server, and their tightness
             dirty |= self.sources_of(p, near)
+        for b in near:  # tight sources may lead straight into the server
+            dirty |= self.exclusive[b]
         return dirty
 
     def set_rtt(self, src: str | None, dst: str | None, rtt: float) -> set[Vertex]:
         self.rtts.set(src, dst, rtt)
         return self.sources_of(src) | self.sources_of(dst)
 
-    def _touched(self, b: int, nodes: list[tuple[int, int]], peer: str) -> set[Vertex]:
-        """Membership of boundary b changed: its hub, tree path and exclusive sources."""
-        dirty = {("H", b), ("E", b, peer)} | self.exclusive[b]
+    def _touched(self, b: int, nodes: list[tuple[int, int]]) -> set[Vertex]:
+        """Membership of boundary b changed: its hub, tree path and tight sources."""
+        dirty = {("H", b)} | self.exclusive[b]
         dirty.update(("T", b, level, i) for level, i in nodes)
         return dirty
 
     # ----- out-edges of one vertex, from the current state
+    def enter(self, peer: str) -> float:
+        s = self.spans[peer]
+        return self.cm.hop_overhead(s) + self.cm.block_time(s, self.mode)
+
     def out_edges(self, v: Vertex) -> dict[Vertex, float]:
         kind = v[0]
         if kind == "A" or kind == "S":
             return self._source_edges(v)
-        if kind == "E":
-            _, b, peer = v
-            s = self.spans.get(peer)
-            if s is None or peer not in self.trees.get(b, _NONE):
-                return {}
-            return {("A", b + 1, peer): self.cm.hop_overhead(s) + self.cm.block_time(s, self.mode)}
         if kind == "T":
             _, b, level, i = v
             kids = self.trees[b].children(level, i)
             if level == 1:
-                return {("E", b, t): 0.0 for t in kids}
+                return {("A", b + 1, t): self.enter(t) for t in kids}
             return {("T", b, level - 1, c): 0.0 for c in kids}
         if kind == "H":
-            tree = self.trees[v[1]]
-            return {("T", v[1], LEVELS, i): 0.0 for i in tree.tops()}
+            return {("T", v[1], LEVELS, i): 0.0 for i in self.trees[v[1]].tops()}
         return {}
 
     def _source_edges(self, v: Vertex) -> dict[Vertex, float]:
@@ -187,6 +197,7 @@ class SpanGraph:
         span = self.spans.get(peer) if peer is not None else None
         if kind == "A":
             if span is None or not (max(span.start, self.start) < b <= min(span.end, self.end)):
+                self.tight.discard(v)
                 return out
             if b < min(span.end, self.end):
                 out[("A", b + 1, peer)] = self.cm.block_time(span, self.mode)
@@ -196,32 +207,32 @@ class SpanGraph:
             back = self.rtts.rtt(peer, None) / 2 if peer is not None else 0.0
             out[GOAL] = back + (self.cm.transfer_time(span) if span is not None else 0.0)
             return out
-        self._switch_edges(v, b, peer, out)
+        self._hop_edges(v, b, peer, out)
         return out
 
-    def _switch_edges(self, v: Vertex, b: int, peer: str | None, out: dict) -> None:
-        """Edges from a source at boundary b into every server entering there."""
+    def _hop_edges(self, v: Vertex, b: int, peer: str | None, out: dict) -> None:
+        """Edges from a source at boundary b into every server that holds block b."""
         tree = self.trees[b]
         rtts, inside = self.rtts, tree.slot_of
         hub = rtts.default / 2
-        excluded = []
+        dear = []
         for t in rtts.partners(peer):
-            if t in inside:
+            if t in inside and t != peer:
                 cost = rtts.rtt(peer, t) / 2
                 if cost != hub:
-                    out[("E", b, t)] = cost
+                    out[("A", b + 1, t)] = cost + self.enter(t)
                     if cost > hub:
-                        excluded.append(t)
-        if v[0] == "S" and peer in tree:
-            out[("E", b, peer)] = 0.0  # a new hop on the same server: no network
-        if not excluded:
+                        dear.append(t)
+        if v[0] == "S" and peer in inside:
+            out[("A", b + 1, peer)] = self.enter(peer)  # a new hop on the same server
+        if not dear or v not in self.tight:
             out[("H", b)] = hub
             return
         self.exclusive[b].add(v)
-        nodes, peers = tree.avoiding(excluded)
+        nodes, peers = tree.avoiding(dear)
         for level, i in nodes:
             out[("T", b, level, i)] = hub
         for t in peers:
-            e = ("E", b, t)
-            if e not in out or out[e] > hub:
-                out[e] = hub
+            a = ("A", b + 1, t)
+            if a not in out:  # keeps the continuation and cheaper measured links
+                out[a] = hub + self.enter(t)

@@ -184,3 +184,24 @@ def test_dstar_matches_dijkstra_on_random_swarms() -> None:
     mean = sum(repair_over_fresh) / len(repair_over_fresh)
     print(f"small swarms: repair/fresh expansions mean {mean:.3f} over {len(repair_over_fresh)}")
     assert mean < 1.0
+
+
+def test_dstar_matches_dijkstra_on_crowded_boundaries() -> None:
+    """Dozens of servers per boundary: several hub tree levels, many dear links to avoid."""
+    tightened = 0
+    for seed in range(40):
+        rng = random.Random(10_000 + seed)
+        n_blocks = rng.randint(2, 6)
+        servers, client = random_swarm(rng, n_blocks, rng.randint(20, 45), measured=6)
+        cm = CostModel(client_rtts=client, tokens=rng.choice([1, 256]))
+        mode = rng.choice(["latency", "throughput"])
+        planner = RoutePlanner(servers, cm, end=n_blocks, mode=mode, rng=random.Random(seed))
+        truth = Truth(servers, cm)
+        check_route(planner, truth, 0, None)
+        fresh_ids = [0]
+        for _ in range(3):
+            planner.update(random_changes(rng, truth, n_blocks, fresh_ids))
+            assert_edges_fresh(planner)
+            check_route(planner, truth, *random_position(rng, planner, truth))
+        tightened += len(planner.graph.tight)
+    assert tightened > 0  # the lazy tightening was needed and exercised
