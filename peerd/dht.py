@@ -1,7 +1,7 @@
 """Swarm records in libp2p's Kademlia DHT: where they live, how they are found, kept fresh.
 
 Key layout (all keys private to peerd by the strict `/peerd/` validator):
-- `/peerd/server/<peer id>` (value): the server's signed `ServerRecord`; single writer, because
+- `/peerd/s/<hash of peer id>` (value): the server's signed `ServerRecord`; single writer, because
   the validator binds the key, the signing key and the record's peer id together.
 - provider records under `sha256("peerd/model/<model id>/<shard>")`: who serves a model, and
   under `sha256("peerd/servers/<shard>")`: every server of any model (to list the models).

@@ -13,8 +13,12 @@ import sys
 FORMAT = "%(asctime)s %(levelname)-7s %(name)s: %(message)s"
 
 
-def setup_logging(level: str = "INFO", libp2p_level: str = "CRITICAL") -> None:
-    """Log to stderr at `level` (stdout is kept for what the user asked for: addresses)."""
+def setup_logging(level: str = "INFO", libp2p_level: str | None = None) -> None:
+    """Log to stderr at `level` (stdout is kept for what the user asked for: addresses).
+
+    py-libp2p's own level comes from `libp2p_level`, else $PEERD_LIBP2P_LOG_LEVEL, else
+    CRITICAL.
+    """
     root = logging.getLogger()
     if not any(getattr(h, "_peerd", False) for h in root.handlers):
         handler = logging.StreamHandler(sys.stderr)
@@ -22,7 +26,7 @@ def setup_logging(level: str = "INFO", libp2p_level: str = "CRITICAL") -> None:
         handler._peerd = True  # type: ignore[attr-defined]
         root.addHandler(handler)
     root.setLevel(level.upper())
-    quiet_libp2p(libp2p_level)
+    quiet_libp2p(libp2p_level or os.environ.get("PEERD_LIBP2P_LOG_LEVEL", "CRITICAL"))
 
 
 def quiet_libp2p(level: str = "CRITICAL") -> None:
@@ -30,4 +34,6 @@ def quiet_libp2p(level: str = "CRITICAL") -> None:
     if os.environ.get("LIBP2P_DEBUG"):
         return
     for name in ("libp2p", "multiaddr", "async_service"):
-        logging.getLogger(name).setLevel(level.upper())
+        logger = logging.getLogger(name)
+        logger.setLevel(level.upper())
+        logger.propagate = True  # py-libp2p turns propagation off; use our handler

@@ -303,7 +303,7 @@ class Node:
             return None
         now = time.time()
         self._last_seq = max(self._last_seq + 1, time.time_ns() // 1000)
-        ttl = self.config.announce_period if offline else self.config.record_ttl
+        ttl = self.config.record_ttl
         record = replace(
             base,
             peer_id=self.peer_id,

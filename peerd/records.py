@@ -1,6 +1,6 @@
 """Server records: schema, canonical encoding, signing and checking. No I/O here.
 
-A record is stored in the DHT under `/peerd/server/<peer id>` as a msgpack envelope
+A record is stored in the DHT under `server_key(peer id)` as a msgpack envelope
 `{"payload": bytes, "pubkey": bytes, "sig": bytes}`. `payload` is the canonical msgpack
 encoding of the record's fields (sorted keys); the signature covers exactly those bytes and the
 public key must hash to the record's peer id, which must also be the one in the key. The DHT
@@ -10,6 +10,7 @@ enforced by `RecordValidator` on every putter, storing peer and reader.
 
 from __future__ import annotations
 
+import hashlib
 import math
 import time
 from dataclasses import asdict, dataclass, field, fields
@@ -25,7 +26,7 @@ from libp2p.records.validator import Validator
 from peerd import __version__
 
 NAMESPACE = "peerd"
-SERVER_KEY_PREFIX = f"/{NAMESPACE}/server/"
+SERVER_KEY_PREFIX = f"/{NAMESPACE}/s/"
 MAX_RECORD_BYTES = 8 * 1024
 # A record may not claim to live longer than this (so a leaked one cannot linger for ever),
 # nor expire in the past; CLOCK_SKEW forgives peers whose clocks disagree a little.
@@ -136,14 +137,13 @@ class ServerRecord:
 
 
 def server_key(peer_id: str) -> str:
-    """The DHT key of a server's record."""
-    return SERVER_KEY_PREFIX + peer_id
+    """The DHT key of a server's record: `/peerd/s/<40 hex digits of sha256(peer id)>`.
 
-
-def peer_id_of_key(key: str) -> str:
-    if not key.startswith(SERVER_KEY_PREFIX) or len(key) == len(SERVER_KEY_PREFIX):
-        raise InvalidRecord(f"not a server record key: {key!r}")
-    return key[len(SERVER_KEY_PREFIX) :]
+    py-libp2p's FIND_NODE handler resets the stream for keys over 50 bytes that are not a
+    multihash, which breaks iterative lookups of longer keys such as the 66-byte
+    `/peerd/server/<peer id>`: keep every value key at most 50 bytes.
+    """
+    return SERVER_KEY_PREFIX + hashlib.sha256(peer_id.encode()).hexdigest()[:40]
 
 
 def encode_payload(record: ServerRecord) -> bytes:
@@ -206,7 +206,7 @@ def verify_record(
         raise InvalidRecord(f"record of {record.peer_id} is signed by another key ({signer})")
     if not public_key.verify(payload, sig):
         raise InvalidRecord("bad signature")
-    if key is not None and peer_id_of_key(key) != record.peer_id:
+    if key is not None and key != server_key(record.peer_id):
         raise InvalidRecord(f"record of {record.peer_id} stored under another peer's key {key}")
     if record.expires_at <= now:
         raise InvalidRecord(f"record expired {now - record.expires_at:.1f} s ago")

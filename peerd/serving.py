@@ -1,0 +1,245 @@
+"""`peerd serve`: choose blocks, load them, serve them, announce them, rebalance.
+
+Runs as a service inside the node's nursery. Life cycle: fingerprint the checkpoint → pick
+the interval (explicit, or the one `balancing/` says the swarm needs most) → announce
+JOINING → load only those blocks → measure (or reuse) throughput → serve and announce
+ONLINE → every rebalance period, ask `should_move` and move when the swarm gains enough.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import trio
+
+from balancing import DEFAULT_MIN_GAIN, SwarmEntry, choose_blocks, should_move
+from blocks import ModelConfig, Span, checkpoint_fingerprint, load_config, measure_throughput
+from peerd.framed import FramedChannel, Libp2pByteStream
+from peerd.records import ServerRecord, State
+from peerd.server.block_server import INFERENCE_PROTOCOL, RPC_PROTOCOL, BlockServer
+from peerd.server.limits import ServerLimits
+from peerd.swarm import SwarmAccess
+
+log = logging.getLogger("peerd.serve")
+
+BYTES_PER_PARAM = {"none": None, "int8": 1.0, "nf4": 0.56}
+MEMORY_HEADROOM = 0.8  # use at most this share of free memory for weights and cache
+NEXT_RTT_PEERS = 8
+RTT_FIRST_DELAY = 5.0
+RTT_PERIOD = 60.0
+
+
+@dataclass
+class ServeOptions:
+    """What to serve and how; every field has the default a consumer-GPU owner would expect."""
+
+    model_path: Path
+    model_name: str | None = None
+    blocks: tuple[int, int] | None = None
+    num_blocks: int | None = None
+    dtype: str = "float32"
+    quant: str = "none"
+    device: str = "cpu"
+    limits: ServerLimits = field(default_factory=ServerLimits)
+    rebalance_period: float = 300.0  # 0 disables rebalancing
+    min_gain: float = DEFAULT_MIN_GAIN
+
+
+class BlockService:
+    """The server side of a daemon: owns the current span and its `BlockServer`."""
+
+    def __init__(self, options: ServeOptions, swarm: SwarmAccess) -> None:
+        self.options = options
+        self.swarm = swarm
+        self.config: ModelConfig = load_config(options.model_path)
+        self.model_id = ""
+        self.state = State.JOINING
+        self.interval: tuple[int, int] | None = None
+        self.server: BlockServer | None = None
+        self.throughput: dict = {}
+        self.next_rtts: dict[str, float] = {}
+        self.online = trio.Event()
+
+    # ----- the record ------------------------------------------------------------------
+    def record(self) -> ServerRecord | None:
+        if self.interval is None:
+            return None
+        start, end = self.interval
+        server = self.server
+        return ServerRecord(
+            model_id=self.model_id,
+            peer_id=self.swarm.node.peer_id,
+            start=start,
+            end=end,
+            state=self.state,
+            inference_throughput=float(self.throughput.get("block_inference_steps_per_s", 0.0)),
+            forward_throughput=float(self.throughput.get("block_forward_tokens_per_s", 0.0)),
+            dtype=self.options.dtype,
+            quant=self.options.quant,
+            free_cache_tokens=server.budget.free if server is not None else 0,
+            next_rtts=dict(self.next_rtts),
+        )
+
+    # ----- running ---------------------------------------------------------------------
+    async def run(self, node) -> None:  # a Node service
+        opts = self.options
+        fingerprint = await trio.to_thread.run_sync(
+            lambda: checkpoint_fingerprint(opts.model_path, self.swarm.cache_dir)
+        )
+        name = opts.model_name or self.swarm.model_name_for(opts.model_path)
+        self.model_id = f"{name}@{fingerprint}"
+        interval = await self._choose_interval()
+        node.set_record_provider(self.record)
+        await self._load_and_serve(interval)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._rtt_loop)
+            if opts.rebalance_period > 0 and opts.blocks is None:
+                nursery.start_soon(self._rebalance_loop)
+
+    async def _choose_interval(self) -> tuple[int, int]:
+        opts, total = self.options, self.config.num_blocks
+        if opts.blocks is not None:
+            return opts.blocks
+        size = opts.num_blocks or self._blocks_that_fit()
+        size = max(1, min(size, total))
+        swarm = await self._swarm_entries()
+        start, end = choose_blocks(total, swarm, size, self._my_throughput_guess(swarm))
+        log.info("chose blocks %d:%d of %d (swarm has %d other servers)", start, end, total, len(swarm))
+        return start, end
+
+    async def _swarm_entries(self) -> list[SwarmEntry]:
+        records = await self.swarm.list_servers(self.model_id)
+        me = self.swarm.node.peer_id
+        return [
+            SwarmEntry(r.peer_id, r.start, r.end, max(r.inference_throughput, 1e-3))
+            for r in records
+            if r.peer_id != me and r.state is State.ONLINE
+        ]
+
+    def _my_throughput_guess(self, swarm: list[SwarmEntry]) -> float:
+        if self.throughput:
+            return float(self.throughput["block_inference_steps_per_s"])
+        return sorted(e.throughput for e in swarm)[len(swarm) // 2] if swarm else 1.0
+
+    def _blocks_that_fit(self) -> int:
+        """How many blocks fit in free memory after reserving the KV-cache budget."""
+        opts = self.options
+        device = torch.device(opts.device)
+        if device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(device)
+        else:
+            free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        per_block = _block_bytes(self.config, opts.dtype, opts.quant)
+        cache = opts.limits.cache_tokens * _cache_bytes_per_token_per_block(self.config, opts.dtype)
+        fit = int(free * MEMORY_HEADROOM // (per_block + cache))
+        log.info(
+            "%.1f GiB free: room for %d blocks of %.0f MiB (+ %.0f MiB cache each)",
+            free / 2**30, fit, per_block / 2**20, cache / 2**20,
+        )
+        return max(1, fit)
+
+    async def _load_and_serve(self, interval: tuple[int, int]) -> None:
+        opts = self.options
+        self.interval, self.state = interval, State.JOINING
+        self.swarm.node.request_announce()
+        start, end = interval
+        began = time.monotonic()
+        log.info("loading blocks %d:%d of %s (%s, quant %s, %s)", start, end, self.model_id, opts.dtype, opts.quant, opts.device)
+        span = await trio.to_thread.run_sync(
+            lambda: Span.load(opts.model_path, start, end, dtype=opts.dtype, quant=opts.quant, device=opts.device)
+        )
+        log.info("loaded %d blocks (%.0f MiB) in %.1f s", end - start, span.nbytes / 2**20, time.monotonic() - began)
+        self.throughput = await trio.to_thread.run_sync(
+            lambda: measure_throughput(span, self.swarm.cache_dir, self.model_id)
+        )
+        server = BlockServer(span, self.model_id, opts.limits, record=self._record_dict)
+        self._install(server)
+        self.state = State.ONLINE
+        self.swarm.node.request_announce()
+        self.online.set()
+        log.info(
+            "online: blocks %d:%d, %.1f inference steps/s per block, %d cache tokens",
+            start, end, self.throughput.get("block_inference_steps_per_s", 0.0), server.budget.capacity,
+        )
+
+    def _record_dict(self) -> dict:
+        record = self.record()
+        return record.to_dict() if record is not None else {}
+
+    def _install(self, server: BlockServer) -> None:
+        """Route new streams to `server`; streams of the old one finish on the old one."""
+        self.server = server
+        max_frame = self.options.limits.max_frame
+
+        async def inference(stream) -> None:
+            await _contained(self.server.handle_inference, FramedChannel(Libp2pByteStream(stream), max_frame))
+
+        async def rpc(stream) -> None:
+            await _contained(self.server.handle_rpc, FramedChannel(Libp2pByteStream(stream), max_frame))
+
+        node = self.swarm.node
+        node.set_stream_handler(INFERENCE_PROTOCOL, inference)
+        node.set_stream_handler(RPC_PROTOCOL, rpc)
+        self.swarm.local_handlers[INFERENCE_PROTOCOL] = lambda ch: _contained(self.server.handle_inference, ch)
+        self.swarm.local_handlers[RPC_PROTOCOL] = lambda ch: _contained(self.server.handle_rpc, ch)
+
+    async def _rtt_loop(self) -> None:
+        await trio.sleep(RTT_FIRST_DELAY)
+        while True:
+            try:
+                await self._measure_next_rtts()
+            except Exception as exc:  # noqa: BLE001 - a failed measurement waits for the next round
+                log.debug("measuring next-server round trips failed: %r", exc)
+            await trio.sleep(RTT_PERIOD)
+
+    async def _rebalance_loop(self) -> None:
+        while True:
+            await trio.sleep(self.options.rebalance_period)
+            if self.interval is None:
+                continue
+            swarm = await self._swarm_entries()
+            start, end = self.interval
+            me = SwarmEntry(self.swarm.node.peer_id, start, end, self._my_throughput_guess(swarm))
+            move, new = should_move(self.config.num_blocks, swarm, me, self.options.min_gain)
+            if move:
+                log.info("rebalancing: moving from blocks %d:%d to %d:%d", start, end, *new)
+                await self._load_and_serve(new)
+
+    async def _measure_next_rtts(self) -> None:
+        """Round trips to servers of the blocks after ours (the next hop of a chain)."""
+        if self.interval is None:
+            return
+        end = self.interval[1]
+        records = await self.swarm.list_servers(self.model_id)
+        nexts = [r.peer_id for r in records if r.start <= end < r.end and r.peer_id != self.swarm.node.peer_id]
+        self.next_rtts = await self.swarm.probe_rtts(nexts[:NEXT_RTT_PEERS])
+
+
+async def _contained(handler, channel: FramedChannel) -> None:
+    """A handler's unexpected exception ends its own stream only, never the daemon."""
+    try:
+        await handler(channel)
+    except Exception:  # noqa: BLE001
+        log.exception("request handler failed")
+        with trio.move_on_after(1):
+            await channel.aclose()
+
+
+def _block_bytes(config: ModelConfig, dtype: str, quant: str) -> float:
+    from blocks.families import family_of
+
+    with torch.device("meta"):
+        block = family_of(config).Block(config)
+    params = sum(p.numel() for p in block.parameters())
+    per_param = BYTES_PER_PARAM.get(quant) or torch.empty((), dtype=getattr(torch, dtype)).element_size()
+    return params * per_param
+
+
+def _cache_bytes_per_token_per_block(config: ModelConfig, dtype: str) -> int:
+    element = torch.empty((), dtype=getattr(torch, dtype)).element_size()
+    return 2 * config.num_kv_heads * config.head_dim * element

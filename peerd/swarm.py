@@ -1,0 +1,92 @@
+"""What the client side of a daemon needs from the swarm, on top of a `Node`.
+
+Server listings (ONLINE records → routing spans), client-to-server round trips, and framed
+streams to servers — including to the blocks this very daemon serves, which are reached
+in-process instead of over the network.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Awaitable, Callable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import trio
+import trio.testing
+
+from peerd.framed import FramedChannel, Libp2pByteStream, TrioByteStream
+from peerd.records import ServerRecord
+from peerd.swarm_view import online_spans
+from routing import ServerSpan
+
+if TYPE_CHECKING:
+    from peerd.node import Node
+
+log = logging.getLogger("peerd.swarm")
+
+PING_TIMEOUT = 2.0
+LocalHandler = Callable[[FramedChannel], Awaitable[None]]
+
+
+class SwarmAccess:
+    """A node's view of the swarm for chains and the local API."""
+
+    def __init__(self, node: Node, *, max_frame: int, cache_dir: Path) -> None:
+        self.node = node
+        self.max_frame = max_frame
+        self.cache_dir = cache_dir
+        self.local_handlers: dict[str, LocalHandler] = {}  # protocol -> handler of our own blocks
+        self._nursery: trio.Nursery | None = None
+
+    async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        """Owns the tasks that serve in-process streams to our own blocks."""
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            task_status.started()
+            await trio.sleep_forever()
+
+    async def list_servers(self, model_id: str | None) -> list[ServerRecord]:
+        return await self.node.list_servers(model_id)
+
+    async def server_spans(self, model_id: str) -> list[ServerSpan]:
+        return online_spans(await self.node.list_servers(model_id))
+
+    async def probe_rtts(self, peer_ids: Sequence[str]) -> dict[str, float]:
+        """Ping candidates in parallel; the unreachable are left out (the planner's default)."""
+        rtts: dict[str, float] = {}
+
+        async def one(peer_id: str) -> None:
+            if peer_id == self.node.peer_id:
+                rtts[peer_id] = 0.0
+                return
+            with trio.move_on_after(PING_TIMEOUT):
+                try:
+                    rtts[peer_id] = await self.node.ping(peer_id)
+                except Exception as exc:  # noqa: BLE001 - a failed ping only leaves a gap
+                    log.debug("ping %s failed: %r", peer_id[:12], exc)
+
+        async with trio.open_nursery() as nursery:
+            for peer_id in peer_ids:
+                nursery.start_soon(one, peer_id)
+        return rtts
+
+    async def connect(self, peer_id: str, protocol: str) -> FramedChannel:
+        if peer_id == self.node.peer_id and protocol in self.local_handlers and self._nursery:
+            ours, theirs = trio.testing.memory_stream_pair()
+            handler = self.local_handlers[protocol]
+            self._nursery.start_soon(handler, FramedChannel(TrioByteStream(theirs), self.max_frame))
+            return FramedChannel(TrioByteStream(ours), self.max_frame)
+        stream = await self.node.open_stream(peer_id, protocol)
+        return FramedChannel(Libp2pByteStream(stream), self.max_frame)
+
+    @staticmethod
+    def model_name_for(path: Path) -> str:
+        """The name part of a model id: the checkpoint directory's name, or its config's."""
+        try:
+            config = json.loads((Path(path) / "config.json").read_text())
+        except (OSError, ValueError):
+            config = {}
+        name = config.get("_peerd_name") or Path(path).resolve().name
+        return "".join(c if c.isalnum() or c in "-_." else "-" for c in name)[:120] or "model"
