@@ -17,9 +17,10 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 from .errors import bad_request
 from .fields import COMPRESSION, HIDDEN, PROMPTS, Flag, Int, Maybe, PlainMap, Spec, Text, wired
