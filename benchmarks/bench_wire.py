@@ -83,6 +83,25 @@ def bench_codec(repeats: int) -> None:
         )
 
 
+def bench_small_step(repeats: int) -> None:
+    """Per-token decoding sends (1, 1, hidden) states: here fixed costs dominate, not bytes."""
+    x = torch.randn(1, 1, SHAPE[-1])
+    ping_us = (
+        best_ms(
+            lambda: wire.parse_message(
+                wire.decode_payload(wire.encode_frame(wire.Ping(1).to_wire())[wire.HEADER_SIZE :])
+            ),
+            repeats * 10,
+        )
+        * 1e3
+    )
+    step_us = best_ms(lambda: round_trip(x, "none"), repeats * 10) * 1e3
+    print(
+        f"\nsmall messages, full round trip: Ping {ping_us:.0f} us; "
+        f"Step of (1, 1, {SHAPE[-1]}) float32 {step_us:.0f} us"
+    )
+
+
 def bench_bitsandbytes(repeats: int) -> None:
     try:
         import logging
@@ -132,6 +151,7 @@ def main() -> None:
     args = parser.parse_args()
     print(f"tensor {SHAPE} float32, torch {torch.__version__}, {torch.get_num_threads()} threads\n")
     bench_codec(args.repeats)
+    bench_small_step(args.repeats)
     bench_bitsandbytes(args.repeats)
 
 

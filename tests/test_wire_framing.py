@@ -193,3 +193,17 @@ def test_daemon_read_path_round_trips_messages():
     assert isinstance(got[0], wire.Step) and isinstance(got[1], wire.CloseSession)
     assert got[0].step_id == 4
     assert torch.allclose(got[0].hidden, sent.hidden, atol=0.05)
+
+
+def test_non_byte_buffers_are_read_as_bytes_or_refused():
+    import array
+
+    msg = next(m for k in range(4) if len(msgpack.packb(m := {"pad": "x" * k})) % 4 == 0)
+    words = array.array("I", msgpack.packb(msg))  # a buffer whose items are 4 bytes wide
+    assert decode_payload(words) == msg
+    assert parse_header(array.array("B", b"\x00\x00\x01\x00")) == 256
+    for not_bytes in ("abcd", 1234, None):
+        with pytest.raises(WireError, match="bytes-like"):
+            decode_payload(not_bytes)
+        with pytest.raises(WireError, match="bytes-like"):
+            parse_header(not_bytes)

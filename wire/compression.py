@@ -19,7 +19,8 @@ def quantize_int8(x: torch.Tensor, block: int = INT8_BLOCK) -> tuple[torch.Tenso
     """Return (int8 codes padded to whole blocks, float32 scale per block) for a float tensor.
 
     Each block is scaled so its largest magnitude maps to 127; decoding error per value is
-    at most half a step, absmax(block) / 254. All-zero blocks get scale 0.
+    at most half a step, absmax(block) / 254. All-zero blocks get scale 0. An inf or NaN
+    turns its whole block into NaN after decoding (the scale is no longer finite).
     """
     flat = x.detach().reshape(-1).to(torch.float32)
     n = flat.numel()

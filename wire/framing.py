@@ -14,7 +14,7 @@ from typing import Any
 import msgpack
 
 from .errors import ErrorCode, WireError, bad_request
-from .guard import check_msgpack
+from .guard import byte_view, check_msgpack
 
 HEADER_SIZE = 4
 DEFAULT_MAX_FRAME = 64 * 1024 * 1024
@@ -42,9 +42,10 @@ def encode_frame(msg: dict[str, Any], max_frame: int = DEFAULT_MAX_FRAME) -> byt
 
 def parse_header(header: bytes, max_frame: int = DEFAULT_MAX_FRAME) -> int:
     """The payload length announced by a 4-byte header, checked against `max_frame`."""
-    if len(header) != HEADER_SIZE:
-        raise bad_request(f"frame header must be {HEADER_SIZE} bytes, got {len(header)}")
-    (size,) = _HEADER.unpack(header)
+    view = byte_view(header)
+    if len(view) != HEADER_SIZE:
+        raise bad_request(f"frame header must be {HEADER_SIZE} bytes, got {len(view)}")
+    (size,) = _HEADER.unpack(view)
     if size == 0:
         raise bad_request("frame announces an empty payload")
     _check_size(size, max_frame)
@@ -53,11 +54,12 @@ def parse_header(header: bytes, max_frame: int = DEFAULT_MAX_FRAME) -> int:
 
 def decode_payload(payload: bytes | bytearray | memoryview) -> dict[str, Any]:
     """The map in one frame payload; WireError for anything that is not exactly one map."""
-    check_msgpack(payload)
-    size = len(payload)
+    view = byte_view(payload)
+    check_msgpack(view)
+    size = len(view)
     try:
         obj = msgpack.unpackb(
-            payload,
+            view,
             raw=False,
             strict_map_key=True,
             use_list=True,

@@ -54,7 +54,7 @@ _EXT = frozenset({0xC7, 0xC8, 0xC9, 0xD4, 0xD5, 0xD6, 0xD7, 0xD8})
 
 def check_msgpack(buf: bytes | bytearray | memoryview) -> None:
     """Raise WireError unless `buf` holds exactly one well-formed, bounded msgpack object."""
-    view = memoryview(buf)
+    view = byte_view(buf)
     size = len(view)
     if size == 0:
         raise bad_request("empty payload")
@@ -115,3 +115,12 @@ def check_msgpack(buf: bytes | bytearray | memoryview) -> None:
             break
     if pos != size:
         raise bad_request(f"{size - pos} trailing bytes after the msgpack object")
+
+
+def byte_view(buf: object) -> memoryview:
+    """`buf` as a flat memoryview of bytes (any contiguous buffer), or WireError."""
+    try:
+        view = memoryview(buf)  # type: ignore[arg-type]
+        return view if view.format == "B" and view.ndim == 1 else view.cast("B")
+    except TypeError as exc:
+        raise bad_request(f"payload must be a contiguous bytes-like buffer: {exc}") from None
