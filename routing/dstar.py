@@ -35,6 +35,7 @@ from routing.types import (
 )
 
 INF = float("inf")
+MAX_SOURCES = 256  # positions route_from remembers; older ones are rebuilt when asked again
 
 
 class RoutePlanner:
@@ -65,6 +66,7 @@ class RoutePlanner:
         self.tie_tolerance = tie_tolerance if mode == "throughput" else 0.0
         self.expansions = 0
         self._records: dict[str, ServerSpan] = {}  # every known server, banned or not
+        self._recent_sources: dict[Vertex, None] = {}  # S vertices asked about, oldest first
         self._banned: set[str] = set()
         servers = list(servers)
         for s in servers:
@@ -103,6 +105,10 @@ class RoutePlanner:
         if block not in self.graph.sources.get(prev_peer, ()):
             self.graph.add_source(block, prev_peer)
             self._rebuild(source)
+        self._recent_sources.pop(source, None)
+        self._recent_sources[source] = None
+        if len(self._recent_sources) > MAX_SOURCES:
+            self._forget(next(iter(self._recent_sources)))
         while True:
             self._settle(source)
             if min(self.g.get(source, INF), self.rhs.get(source, INF)) == INF:
@@ -169,6 +175,14 @@ class RoutePlanner:
             if v not in self.succ and not self.pred.get(v) and v[0] != "S" and v != GOAL:
                 for table in (self.g, self.rhs, self._open, self.succ, self.pred):
                     table.pop(v, None)
+
+    def _forget(self, source: Vertex) -> None:
+        """Drop a source nobody asked about for long; it has no predecessors."""
+        del self._recent_sources[source]
+        self.graph.drop_source(source)
+        self._set_out(source, {})
+        for table in (self.g, self.rhs, self._open):
+            table.pop(source, None)
 
     def _rebuild(self, v: Vertex) -> None:
         new = self.graph.out_edges(v)

@@ -116,6 +116,15 @@ class SpanGraph:
         self.sources.setdefault(peer, set()).add(block)
         return ("S", block, peer)
 
+    def drop_source(self, v: Vertex) -> None:
+        """Forget a source vertex; the caller drops its edges."""
+        _, b, peer = v
+        self.sources.get(peer, set()).discard(b)
+        if not self.sources.get(peer, True):
+            del self.sources[peer]
+        self.tight.discard(v)
+        self.exclusive.get(b, set()).discard(v)
+
     def dear(self, peer: str | None, t: str) -> bool:
         """Whether the link peer -> t was measured dearer than the hub charges."""
         return self.rtts.rtt(peer, t) > self.rtts.default

@@ -259,3 +259,24 @@ def test_repair_expands_fewer_vertices_than_a_fresh_search() -> None:
     mean = sum(ratios) / len(ratios)
     print(f"repair/fresh expansions after a failure on the route: mean {mean:.3f}")
     assert mean < 0.5
+
+
+def test_planner_forgets_old_positions(monkeypatch: pytest.MonkeyPatch) -> None:
+    import routing.dstar
+
+    monkeypatch.setattr(routing.dstar, "MAX_SOURCES", 3)
+    servers, client = random_swarm(random.Random(5), 10, 15, measured=3)
+    servers.append(ServerSpan("backbone", 0, 10, 1.0))
+    cm = CostModel(client_rtts=client)
+    planner = RoutePlanner(servers, cm, end=10)
+    rng = random.Random(1)
+    for _ in range(30):
+        block, prev = rng.randint(0, 10), rng.choice([None, *(s.peer_id for s in servers)])
+        got = planner.route_from(block, prev)
+        want = dijkstra_route(servers, cm, start=block, end=10, prev_peer=prev)
+        assert got.cost == pytest.approx(want.cost, rel=1e-9)
+        assert sum(len(b) for b in planner.graph.sources.values()) <= 3
+        assert sum(1 for v in planner.succ if v[0] == "S") <= 3
+        if rng.random() < 0.3:
+            planner.update([ServerUpdated(ServerSpan(rng.choice(servers).peer_id, 0, 10, 3.0))])
+            servers = planner.servers
