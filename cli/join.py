@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import click
@@ -12,21 +13,29 @@ from cli.common import network_options, node_config, run_node
 @click.command()
 @network_options(default_host="0.0.0.0")
 @click.option(
+    "--socket",
+    "socket_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Local API socket for scripts on this machine (default: HOME/peerd.sock).",
+)
+@click.option(
     "--test-record",
     hidden=True,
     metavar="MODEL_ID:START:END",
     help="Announce a fake server record (tests and demos only).",
 )
-def join(test_record: str | None, **opts: Any) -> None:
+def join(test_record: str | None, socket_path: Path | None, **opts: Any) -> None:
     """Join a swarm as a client-only peer, or start one with --new-swarm.
 
     The daemon connects outward to --initial-peers, relays for others when it is reachable,
-    and takes relay reservations when it is not.
+    and takes relay reservations when it is not. Scripts on this machine use the swarm
+    through its local socket (peerd generate, peerd status, the peerd.client library).
     """
-    from peerd.node import Node
+    from peerd.daemon import Daemon
 
-    config = node_config(opts)
-    node = Node(config)
+    daemon = Daemon(node_config(opts), socket_path=socket_path)
+    node = daemon.node
     if test_record:
         node.set_record_provider(_fake_record_provider(node, test_record))
     run_node(node, opts["log_level"])

@@ -1,0 +1,173 @@
+"""`Peer`: the synchronous client of a peerd daemon, for any plain script.
+
+    from peerd.client import Peer
+    peer = Peer()                                    # ~/.peerd/peerd.sock or $PEERD_SOCKET
+    for piece in peer.generate("path/to/checkpoint", "Hello", max_new_tokens=20):
+        print(piece, end="", flush=True)
+    with peer.session(model, max_length=64) as s:    # research access to hidden states
+        out = s.step(hidden)                         # torch tensor [batch, tokens, hidden]
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Sequence
+from typing import TYPE_CHECKING, Any
+
+import wire
+from peerd.client.connection import Connection, PeerdError
+from wire import local as api
+
+if TYPE_CHECKING:
+    import torch
+
+
+class Peer:
+    """A handle on the daemon; each call uses its own connection, so threads may share it."""
+
+    def __init__(self, socket_path: str | os.PathLike | None = None, *, timeout: float = 300.0) -> None:
+        self.socket_path = socket_path
+        self.timeout = timeout
+
+    def connect(self) -> Connection:
+        return Connection(self.socket_path, timeout=self.timeout)
+
+    def models(self) -> dict[str, Any]:
+        """Every model in the swarm: {model_id: {num_blocks, coverage, gaps, servers}}."""
+        with self.connect() as conn:
+            return conn.request(api.ListModels(), api.ModelList).models
+
+    def generate(
+        self,
+        model: str,
+        prompt: str | Sequence[int],
+        max_new_tokens: int = 32,
+        *,
+        temperature: float = 0.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        repetition_penalty: float = 1.0,
+        stop: Sequence[str] = (),
+        seed: int | None = None,
+        stream: bool = False,
+        compression: str = "none",
+        allow: Sequence[str] | None = None,
+        deny: Sequence[str] | None = None,
+    ) -> Iterator[str] | str:
+        """Text (or token ids) in; the continuation's text out, or an iterator of its pieces.
+
+        `model` is a checkpoint directory on the daemon's machine (it holds the embeddings,
+        head and tokenizer); temperature 0 is greedy decoding.
+        """
+        request = api.Generate(
+            model=str(model),
+            prompt=prompt if isinstance(prompt, str) else None,
+            input_ids=None if isinstance(prompt, str) else [int(t) for t in prompt],
+            max_new_tokens=max_new_tokens, temperature=float(temperature), top_k=top_k,
+            top_p=float(top_p), repetition_penalty=float(repetition_penalty), stop=list(stop),
+            seed=seed, compression=compression,
+            allow=list(allow) if allow is not None else None,
+            deny=list(deny) if deny is not None else None,
+        )
+        pieces = self.generate_events(request)
+        if stream:
+            return (e.text for e in pieces if isinstance(e, api.GeneratedToken) and e.text)
+        done = None
+        for event in pieces:
+            done = event
+        assert isinstance(done, api.GenerationDone)
+        return done.text
+
+    def generate_events(self, request: api.Generate) -> Iterator[wire.Message]:
+        """Every GeneratedToken, then the GenerationDone (with route and recoveries)."""
+        with self.connect() as conn:
+            yield from conn.stream(request, api.GeneratedToken, api.GenerationDone)
+
+    def session(
+        self, model: str, max_length: int, *, batch_size: int = 1, compression: str = "none",
+        allow: Sequence[str] | None = None, deny: Sequence[str] | None = None,
+    ) -> ChainSession:
+        return ChainSession(self, str(model), max_length, batch_size=batch_size, compression=compression,
+                            allow=allow, deny=deny)
+
+    def forward(self, model: str, hidden: torch.Tensor, prompts: torch.Tensor | None = None, *,
+                compression: str = "none", keep_trace: bool = False) -> tuple[torch.Tensor, str | None]:
+        """Hidden states through every block of the chain (batched, full sequences)."""
+        with self.connect() as conn:
+            reply = conn.request(
+                api.ChainForward(model=str(model), hidden=hidden, prompts=prompts,
+                                 compression=compression, keep_trace=keep_trace),
+                api.ChainForwardResult,
+            )
+        return reply.hidden, reply.trace_id
+
+    def backward(self, model: str, hidden: torch.Tensor, grad_out: torch.Tensor,
+                 prompts: torch.Tensor | None = None, *, trace_id: str | None = None,
+                 compression: str = "none") -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Gradients w.r.t. the chain's input hidden states (and deep prompts)."""
+        with self.connect() as conn:
+            reply = conn.request(
+                api.ChainBackward(model=str(model), hidden=hidden, grad_out=grad_out, prompts=prompts,
+                                  trace_id=trace_id, compression=compression),
+                api.ChainBackwardResult,
+            )
+        return reply.grad_hidden, reply.grad_prompts
+
+
+class ChainSession:
+    """An inference chain held open by the daemon: step hidden states through every block."""
+
+    def __init__(self, peer: Peer, model: str, max_length: int, *, batch_size: int = 1,
+                 compression: str = "none", allow=None, deny=None) -> None:
+        self._request = api.OpenChain(
+            model=model, max_length=max_length, batch_size=batch_size, compression=compression,
+            allow=list(allow) if allow is not None else None,
+            deny=list(deny) if deny is not None else None,
+        )
+        self._peer = peer
+        self.conn: Connection | None = None
+        self.chain_id = ""
+        self.model_id = ""
+        self.num_blocks = 0
+        self.route: list[tuple[str, int, int]] = []
+        self.recoveries = 0
+
+    def open(self) -> ChainSession:
+        self.conn = self._peer.connect()
+        try:
+            opened = self.conn.request(self._request, api.ChainOpened)
+        except BaseException:
+            self.conn.close()
+            self.conn = None
+            raise
+        self.chain_id, self.model_id = opened.chain_id, opened.model_id
+        self.num_blocks, self.route = opened.num_blocks, list(opened.route)
+        return self
+
+    def step(self, hidden: torch.Tensor) -> torch.Tensor:
+        """[batch, new tokens, hidden] in → hidden states after the last block."""
+        if self.conn is None:
+            raise PeerdError("closed", "the session is not open")
+        reply = self.conn.request(
+            api.ChainStep(chain_id=self.chain_id, hidden=hidden, compression=self._request.compression),
+            api.ChainStepResult,
+        )
+        self.route, self.recoveries = list(reply.route), reply.recoveries
+        return reply.hidden
+
+    def close(self) -> None:
+        if self.conn is None:
+            return
+        try:
+            self.conn.request(api.CloseChain(chain_id=self.chain_id), api.ChainClosed)
+        except (PeerdError, OSError):
+            pass
+        finally:
+            self.conn.close()
+            self.conn = None
+
+    def __enter__(self) -> ChainSession:
+        return self.open()
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,1 @@
+"""`peerd demo`: a private swarm on loopback, a generation, a failure, the same output."""
