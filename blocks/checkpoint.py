@@ -95,3 +95,12 @@ class Checkpoint:
             return safe_open(str(file), framework="pt", device="cpu")
         except (SafetensorError, OSError) as e:
             raise CheckpointError(f"cannot open {file}: {e}") from None
+
+
+def fresh_copy(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Copy into newly allocated memory of `dtype`.
+
+    Tensors read from safetensors may sit at any 8-byte offset of the file; unaligned weights made
+    fp32 matmuls ~1.5x slower here. torch's allocator aligns to 64 bytes.
+    """
+    return torch.empty(tensor.shape, dtype=dtype).copy_(tensor)

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from .checkpoint import Checkpoint
+from .checkpoint import Checkpoint, fresh_copy
 from .config import ModelConfig, load_config
 from .errors import CheckpointError, InputError
 from .families import family_of
@@ -56,7 +56,7 @@ class ClientParts:
                     f"tensor {names[name]!r} has shape {tuple(tensor.shape)}; the config implies "
                     f"{tuple(meta.shape)}"
                 )
-            state[name] = tensor.to(dtype)
+            state[name] = fresh_copy(tensor, dtype)
         module.load_state_dict(state, assign=True)
         module.requires_grad_(False)
         return cls(config, module.to(device).eval(), dtype, device)

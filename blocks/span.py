@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from .cache import KVCache, cache_bytes_per_token
-from .checkpoint import Checkpoint
+from .checkpoint import Checkpoint, fresh_copy
 from .config import ModelConfig, load_config
 from .errors import BlockRangeError, CheckpointError, InputError
 from .families import family_of
@@ -281,6 +281,6 @@ def _load_state(block: nn.Module, ckpt: Checkpoint, prefix: str, dtype: torch.dt
                 f"tensor {prefix + name!r} has shape {tuple(tensor.shape)}; the config implies "
                 f"{tuple(meta.shape)}"
             )
-        state[name] = tensor.to(dtype)
+        state[name] = fresh_copy(tensor, dtype)
     block.load_state_dict(state, assign=True)
     block.requires_grad_(False)
