@@ -165,7 +165,7 @@ class SpanGraph:
         dirty |= set(self.server_vertices(peer)) | self.sources_of(peer)
         for p in partners:  # direct edges into the server, and their tightness
             dirty |= self.sources_of(p, near)
-        for b in near:  # tight sources may lead straight into the server
+        for b in near:  # tight sources: direct edges into the server, or the tree they avoid
             dirty |= self.exclusive[b]
         return dirty
 
@@ -174,8 +174,8 @@ class SpanGraph:
         return self.sources_of(src) | self.sources_of(dst)
 
     def _touched(self, b: int, nodes: list[tuple[int, int]]) -> set[Vertex]:
-        """Membership of boundary b changed: its hub, tree path and tight sources."""
-        dirty = {("H", b)} | self.exclusive[b]
+        """Membership of boundary b changed: its hub and the tree path of the slot."""
+        dirty = {("H", b)}
         dirty.update(("T", b, level, i) for level, i in nodes)
         return dirty
 

@@ -199,9 +199,10 @@ def test_dstar_matches_dijkstra_on_crowded_boundaries() -> None:
         truth = Truth(servers, cm)
         check_route(planner, truth, 0, None)
         fresh_ids = [0]
-        for _ in range(3):
+        for _ in range(8):
             planner.update(random_changes(rng, truth, n_blocks, fresh_ids))
             assert_edges_fresh(planner)
+            check_route(planner, truth, *random_position(rng, planner, truth))
             check_route(planner, truth, *random_position(rng, planner, truth))
         tightened += len(planner.graph.tight)
     assert tightened > 0  # the lazy tightening was needed and exercised
