@@ -9,6 +9,7 @@ of the other blocks.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -68,6 +69,10 @@ class Checkpoint:
 
     def read(self, names: list[str]) -> dict[str, torch.Tensor]:
         """Load the named tensors (on CPU, in their stored dtype); MissingTensor names the first absent one."""
+        return dict(self.iter_tensors(names))
+
+    def iter_tensors(self, names: list[str]) -> Iterator[tuple[str, torch.Tensor]]:
+        """Yield (name, tensor) one at a time, grouped by file, each needed file opened once."""
         missing = [n for n in names if n not in self.weight_map]
         if missing:
             raise MissingTensor(
@@ -77,15 +82,14 @@ class Checkpoint:
         by_file: dict[str, list[str]] = {}
         for name in names:
             by_file.setdefault(self.weight_map[name], []).append(name)
-        out: dict[str, torch.Tensor] = {}
         for file, file_names in sorted(by_file.items()):
             with self._open(self.path / file) as f:
                 for name in file_names:
                     try:
-                        out[name] = f.get_tensor(name)
+                        tensor = f.get_tensor(name)
                     except SafetensorError as e:
                         raise MissingTensor(f"cannot read {name!r} from {file}: {e}") from None
-        return out
+                    yield name, tensor
 
     @staticmethod
     def _open(file: Path):

@@ -64,15 +64,20 @@ def _stat_key(files: list[Path]) -> str:
 
 
 def _compute(path: Path, ckpt: Checkpoint) -> str:
-    h = hashlib.blake2b(digest_size=16)
     config = json.loads((path / "config.json").read_text())
     for k in VOLATILE_CONFIG_KEYS:
         config.pop(k, None)
-    h.update(json.dumps(config, sort_keys=True).encode())
-    for name in sorted(ckpt.names()):
-        tensor = ckpt.read([name])[name]
-        h.update(f"\n{name}\0{str(tensor.dtype)}\0{tuple(tensor.shape)}\n".encode())
+    # One digest per tensor, read one at a time, each file opened once; combined in name order.
+    tensor_digests: dict[str, bytes] = {}
+    for name, tensor in ckpt.iter_tensors(sorted(ckpt.weight_map)):
+        h = hashlib.blake2b(digest_size=16)
+        h.update(f"{name}\0{str(tensor.dtype)}\0{tuple(tensor.shape)}\0".encode())
         h.update(_tensor_bytes(tensor))
+        tensor_digests[name] = h.digest()
+    h = hashlib.blake2b(digest_size=16)
+    h.update(json.dumps(config, sort_keys=True).encode())
+    for name in sorted(tensor_digests):
+        h.update(tensor_digests[name])
     return h.hexdigest()
 
 

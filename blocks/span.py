@@ -11,6 +11,7 @@ can serve a client that needs only part of it.
 
 from __future__ import annotations
 
+import operator
 from pathlib import Path
 
 import torch
@@ -36,14 +37,25 @@ def check_dtype(dtype: torch.dtype | str) -> torch.dtype:
     return dtype
 
 
-def check_block_range(config: ModelConfig, start: int, end: int) -> None:
-    if not (
-        isinstance(start, int) and isinstance(end, int) and 0 <= start < end <= config.num_blocks
-    ):
+def _as_index(value: object) -> int | None:
+    """ints and int-likes (numpy integers); None for anything else, bools included."""
+    if isinstance(value, bool):
+        return None
+    try:
+        return operator.index(value)
+    except TypeError:
+        return None
+
+
+def check_block_range(config: ModelConfig, start: int, end: int) -> tuple[int, int]:
+    """(start, end) as ints if they are a non-empty interval of the model's blocks."""
+    s, e = _as_index(start), _as_index(end)
+    if s is None or e is None or not 0 <= s < e <= config.num_blocks:
         raise BlockRangeError(
             f"block range [{start}, {end}) is outside the model's blocks [0, {config.num_blocks})"
             " or empty"
         )
+    return s, e
 
 
 class Span:
@@ -80,7 +92,7 @@ class Span:
         """Load blocks [start, end) of the checkpoint at `path`, reading only their tensors."""
         config = load_config(path)
         family = family_of(config)
-        check_block_range(config, start, end)
+        start, end = check_block_range(config, start, end)
         dtype, quant, device = check_dtype(dtype), check_quant(quant), torch.device(device)
         ckpt = Checkpoint(path)
         layers = ckpt.base_prefix(family.BASE_PREFIXES, family.LAYERS) + family.LAYERS
@@ -209,17 +221,14 @@ class Span:
     # -- validation -----------------------------------------------------------------------------
 
     def _interval(self, start: int | None, end: int | None) -> tuple[int, int]:
-        start = self.start if start is None else start
-        end = self.end if end is None else end
-        if not (
-            isinstance(start, int)
-            and isinstance(end, int)
-            and self.start <= start < end <= self.end
-        ):
+        s = self.start if start is None else _as_index(start)
+        e = self.end if end is None else _as_index(end)
+        if s is None or e is None or not self.start <= s < e <= self.end:
             raise BlockRangeError(
                 f"blocks [{start}, {end}) are not a non-empty part of this span's "
                 f"[{self.start}, {self.end})"
             )
+        start, end = s, e
         return start, end
 
     def _check_hidden(self, hidden: Tensor, name: str) -> Tensor:

@@ -247,7 +247,7 @@ def test_unsupported_architecture(single, tmp_path, changes, pattern):
         ClientParts.load(path)
 
 
-@pytest.mark.parametrize("start, end", [(3, 9), (-1, 2), (2, 2), (3, 1), (4, 5)])
+@pytest.mark.parametrize("start, end", [(3, 9), (-1, 2), (2, 2), (3, 1), (4, 5), (1.0, 3)])
 def test_block_range_outside_the_model(single, start, end):
     with pytest.raises(BlockRangeError, match=r"\[0, 4\)"):
         Span.load(single, start, end)
