@@ -29,8 +29,8 @@ def quantize_int8(x: torch.Tensor, block: int = INT8_BLOCK) -> tuple[torch.Tenso
         flat = torch.nn.functional.pad(flat, (0, blocks_count * block - n))
     blocks = flat.view(blocks_count, block)
     absmax = blocks.abs().amax(dim=1, keepdim=True)
-    inverse = torch.where(absmax > 0, 127.0 / absmax, torch.zeros_like(absmax))
-    codes = (blocks * inverse).round_().to(torch.int8)
+    inverse = (127.0 / absmax).nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)  # zero blocks
+    codes = blocks.mul(inverse).round_().to(torch.int8)
     return codes.view(-1), (absmax / 127.0).view(-1)
 
 
