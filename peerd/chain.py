@@ -223,9 +223,9 @@ class InferenceChain:
         await self._repair(0, None)
 
     async def aclose(self) -> None:
+        """Close every session; the route stays readable afterwards."""
         for hop in self.hops:
             await self._close_hop(hop)
-        self.hops = []
 
     async def __aenter__(self) -> InferenceChain:
         await self.open()

@@ -1,0 +1,262 @@
+"""Fault-tolerant inference chains against real BlockServers in-process.
+
+Servers are real `BlockServer`s over real spans of a tiny Llama, spoken to with the real wire
+framing over in-memory streams; a server "crashes" (its streams break, new connections are
+refused) when a test's trigger fires. Deterministic failures make the hard cases testable:
+failure at step 0, during the replay itself, and a replacement with a different block split.
+The multi-process version with kill -9 is in test_e2e_swarm.py.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import pytest
+import torch
+import trio
+import trio.testing
+
+import wire
+from blocks import Span
+from peerd.chain import ChainError, ChainOptions, InferenceChain, Planning
+from peerd.framed import ConnectionLost, FramedChannel, TrioByteStream
+from peerd.server.block_server import BlockServer
+from peerd.server.limits import ServerLimits
+from peerd.training import TrainingChain
+from routing import BanList, ServerSpan
+from tests.tiny_models import make_tiny_model
+
+MODEL_ID = "tiny@cafe"
+NUM_BLOCKS = 6
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return make_tiny_model(tmp_path_factory.mktemp("chain") / "llama", "llama", num_layers=NUM_BLOCKS)
+
+
+@pytest.fixture(scope="module")
+def reference_span(model_dir):
+    return Span.load(model_dir, 0, NUM_BLOCKS)
+
+
+class Crash(Exception):
+    pass
+
+
+@dataclass
+class FakePeer:
+    """A real BlockServer that can crash on a trigger (a predicate over received messages)."""
+
+    peer_id: str
+    server: BlockServer
+    throughput: float = 100.0
+    crash_when: Callable[[dict], bool] | None = None
+    dead: bool = False
+    received: int = 0
+
+    @property
+    def span(self) -> ServerSpan:
+        s = self.server.span
+        return ServerSpan(self.peer_id, s.start, s.end, throughput=self.throughput)
+
+
+class CrashingChannel(FramedChannel):
+    def __init__(self, peer: FakePeer, stream) -> None:
+        super().__init__(TrioByteStream(stream), wire.DEFAULT_MAX_FRAME)
+        self.peer = peer
+
+    async def read_message(self) -> dict:
+        if self.peer.dead:
+            raise ConnectionLost("crashed")
+        message = await super().read_message()
+        self.peer.received += 1
+        if self.peer.crash_when is not None and self.peer.crash_when(message):
+            self.peer.dead = True
+            raise ConnectionLost("crashed")
+        return message
+
+
+class Swarm:
+    def __init__(self, model_dir, intervals: dict[str, tuple[int, int]], nursery: trio.Nursery, throughputs=None):
+        self.nursery = nursery
+        self.peers: dict[str, FakePeer] = {}
+        for name, (a, b) in intervals.items():
+            server = BlockServer(Span.load(model_dir, a, b), MODEL_ID, ServerLimits())
+            self.peers[name] = FakePeer(name, server, throughput=(throughputs or {}).get(name, 100.0))
+        self.connects: list[str] = []
+
+    async def source(self):
+        return [p.span for p in self.peers.values() if not p.dead]
+
+    async def connect(self, peer_id: str, protocol: str) -> FramedChannel:
+        peer = self.peers[peer_id]
+        if peer.dead:
+            raise OSError(f"{peer_id} refused the connection")
+        self.connects.append(peer_id)
+        ours, theirs = trio.testing.memory_stream_pair()
+        handler = peer.server.handle_inference if "inference" in protocol else peer.server.handle_rpc
+        self.nursery.start_soon(handler, CrashingChannel(peer, theirs))
+        return FramedChannel(TrioByteStream(ours), wire.DEFAULT_MAX_FRAME)
+
+    def chain(self, max_length: int, batch_size: int = 1, **kw) -> InferenceChain:
+        options = ChainOptions(model_id=MODEL_ID, start=0, end=NUM_BLOCKS, max_length=max_length,
+                               batch_size=batch_size, recovery_timeout=1.0, **kw)
+        planning = Planning(options=options, source=self.source, probe_rtts=None, bans=BanList(),
+                            clock=trio.current_time)
+        return InferenceChain(options, planning, self.connect)
+
+
+def is_step(message: dict) -> bool:
+    return message.get("type") == "step"
+
+
+def nth_step(n: int) -> Callable[[dict], bool]:
+    count = {"steps": 0}
+
+    def trigger(message: dict) -> bool:
+        if is_step(message):
+            count["steps"] += 1
+            return count["steps"] == n
+        return False
+
+    return trigger
+
+
+def is_replay(message: dict) -> bool:
+    return is_step(message) and message.get("replay") is True
+
+
+def run_steps(model_dir, reference_span, intervals, chunks, *, throughputs=None, setup=None, batch=1):
+    """Step `chunks` (token counts) of random hidden states through a chain; compare with one forward."""
+    torch.manual_seed(0)
+    hidden_size = reference_span.config.hidden_size
+    inputs = [torch.randn(batch, n, hidden_size) for n in chunks]
+
+    async def main():
+        async with trio.open_nursery() as nursery:
+            swarm = Swarm(model_dir, intervals, nursery, throughputs)
+            if setup is not None:
+                setup(swarm)
+            chain = swarm.chain(sum(chunks), batch)
+            async with chain:
+                outputs = [await chain.step(x) for x in inputs]
+            nursery.cancel_scope.cancel()
+        return swarm, chain, outputs
+
+    swarm, chain, outputs = trio.run(main)
+    expected = reference_span.forward(torch.cat(inputs, dim=1))
+    got = torch.cat(outputs, dim=1)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4)
+    return swarm, chain
+
+
+def test_chain_without_failures_matches_one_forward(model_dir, reference_span):
+    _, chain = run_steps(model_dir, reference_span, {"a": (0, 3), "b": (3, 6)}, [4, 1, 1, 3, 1], batch=2)
+    assert chain.route == [("a", 0, 3), ("b", 3, 6)]
+    assert chain.recoveries == []
+
+
+def test_failure_mid_generation_replays_to_the_spare(model_dir, reference_span):
+    def setup(swarm):
+        swarm.peers["b1"].crash_when = nth_step(4)
+
+    swarm, chain = run_steps(
+        model_dir, reference_span, {"a": (0, 3), "b1": (3, 6), "b2": (3, 6)}, [5, 1, 1, 1, 1, 1],
+        throughputs={"b1": 1000.0}, setup=setup,
+    )
+    assert swarm.peers["b1"].dead
+    assert chain.route == [("a", 0, 3), ("b2", 3, 6)]
+    assert len(chain.recoveries) == 1 and chain.recoveries[0].replayed_tokens == 7
+
+
+def test_failure_at_step_zero(model_dir, reference_span):
+    def setup(swarm):
+        swarm.peers["b1"].crash_when = nth_step(1)
+
+    swarm, chain = run_steps(
+        model_dir, reference_span, {"a": (0, 3), "b1": (3, 6), "b2": (3, 6)}, [4, 1, 1],
+        throughputs={"b1": 1000.0}, setup=setup,
+    )
+    assert chain.route[-1][0] == "b2"
+    assert chain.recoveries[0].replayed_tokens == 0
+
+
+def test_replacement_with_a_different_split(model_dir, reference_span):
+    """The failed span 2..5 is replaced by two servers splitting it at block 4."""
+
+    def setup(swarm):
+        swarm.peers["mid"].crash_when = nth_step(3)
+
+    swarm, chain = run_steps(
+        model_dir, reference_span,
+        {"a": (0, 2), "mid": (2, 6), "x": (2, 4), "y": (4, 6)}, [3, 1, 1, 1, 2],
+        throughputs={"mid": 1000.0}, setup=setup,
+    )
+    assert chain.route == [("a", 0, 2), ("x", 2, 4), ("y", 4, 6)]
+
+
+def test_failure_during_the_replay_itself(model_dir, reference_span):
+    """b1 dies mid-generation; its replacement b2 dies while being replayed to; b3 takes over."""
+
+    def setup(swarm):
+        swarm.peers["b1"].crash_when = nth_step(3)
+        swarm.peers["b2"].crash_when = is_replay
+
+    swarm, chain = run_steps(
+        model_dir, reference_span, {"a": (0, 3), "b1": (3, 6), "b2": (3, 6), "b3": (3, 6)},
+        [4, 1, 1, 1, 1], throughputs={"b1": 1000.0, "b2": 500.0, "b3": 10.0}, setup=setup,
+    )
+    assert swarm.peers["b1"].dead and swarm.peers["b2"].dead
+    assert chain.route == [("a", 0, 3), ("b3", 3, 6)]
+
+
+def test_first_span_failure_keeps_later_sessions(model_dir, reference_span):
+    def setup(swarm):
+        swarm.peers["a1"].crash_when = nth_step(3)
+
+    swarm, chain = run_steps(
+        model_dir, reference_span, {"a1": (0, 3), "a2": (0, 3), "b": (3, 6)}, [2, 1, 1, 1],
+        throughputs={"a1": 1000.0}, setup=setup,
+    )
+    assert chain.route == [("a2", 0, 3), ("b", 3, 6)]
+    assert swarm.connects.count("b") == 1  # b's cache was kept, never re-opened
+
+
+def test_no_server_for_some_blocks_names_them(model_dir, reference_span):
+    async def main():
+        async with trio.open_nursery() as nursery:
+            swarm = Swarm(model_dir, {"a": (0, 2), "b": (4, 6)}, nursery)
+            with pytest.raises(ChainError, match=r"blocks 2\.\.4 are not served by anyone") as info:
+                await swarm.chain(8).open()
+            assert info.value.code == "no_route"
+            nursery.cancel_scope.cancel()
+
+    trio.run(main)
+
+
+def test_training_forward_backward_retries_and_matches_autograd(model_dir, reference_span):
+    torch.manual_seed(1)
+    x = torch.randn(2, 5, reference_span.config.hidden_size)
+    grad = torch.randn_like(x)
+
+    async def main():
+        async with trio.open_nursery() as nursery:
+            swarm = Swarm(model_dir, {"a": (0, 3), "b1": (3, 6), "b2": (3, 6)}, nursery, {"b1": 1000.0})
+            options = ChainOptions(model_id=MODEL_ID, start=0, end=NUM_BLOCKS, max_length=1,
+                                   mode="throughput", recovery_timeout=1.0)
+            planning = Planning(options=options, source=swarm.source, probe_rtts=None, bans=BanList(),
+                                clock=trio.current_time)
+            await planning.build()
+            training = TrainingChain(options, planning, swarm.connect)
+            out, trace = await training.forward(x)
+            swarm.peers[trace[-1].peer_id].dead = True  # dies between forward and backward
+            grad_x, _ = await training.backward(trace, grad)
+            nursery.cancel_scope.cancel()
+        return out, grad_x
+
+    out, grad_x = trio.run(main)
+    expected_grad, _ = reference_span.backward(x, grad)  # equals autograd: see test_blocks_*
+    torch.testing.assert_close(out, reference_span.forward(x), atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(grad_x, expected_grad, atol=1e-5, rtol=1e-4)
