@@ -36,6 +36,7 @@ from routing.types import (
 
 INF = float("inf")
 MAX_SOURCES = 256  # positions route_from remembers; older ones are rebuilt when asked again
+RESET_FRACTION = 0.3  # when more of the vertices than this change at once, search afresh
 
 
 class RoutePlanner:
@@ -79,6 +80,17 @@ class RoutePlanner:
         self._open: dict[Vertex, float] = {}
         self._heap: list[tuple[float, int, Vertex]] = []
         self._tie = itertools.count()
+        self._reset()
+
+    def _reset(self) -> None:
+        """Forget every cost and build all edges afresh: the start of a new search."""
+        self.succ.clear()
+        self.pred.clear()
+        self.g.clear()
+        self.rhs.clear()
+        self.rhs[GOAL] = 0.0
+        self._open.clear()
+        self._heap.clear()
         pred, out_edges = self.pred, self.graph.out_edges
         for u in self.graph.all_vertices():
             out = out_edges(u)
@@ -169,6 +181,9 @@ class RoutePlanner:
                 dirty |= self.pred.get(v, set())
             new = None if isinstance(ch, ServerRemoved) else ch.server
             dirty |= self.graph.replace_server(peer, new)
+        if len(dirty) > RESET_FRACTION * len(self.succ):
+            self._reset()  # most of the graph moved: a repair would cost more than a search
+            return
         for v in dirty:
             self._rebuild(v)
         for v in dirty:

@@ -280,3 +280,22 @@ def test_planner_forgets_old_positions(monkeypatch: pytest.MonkeyPatch) -> None:
         if rng.random() < 0.3:
             planner.update([ServerUpdated(ServerSpan(rng.choice(servers).peer_id, 0, 10, 3.0))])
             servers = planner.servers
+
+
+def test_sweeping_changes_restart_the_search() -> None:
+    """Every server's load moved: cheaper to search afresh than to repair, same answer."""
+    servers, client = random_swarm(random.Random(2), 20, 60, max_span=8, measured=3)
+    servers.append(ServerSpan("backbone", 0, 20, 1.0))
+    cm = CostModel(client_rtts=client)
+    planner = RoutePlanner(servers, cm, end=20)
+    planner.plan()
+    moved = [
+        ServerSpan(s.peer_id, s.start, s.end, s.throughput, load=(i % 5) / 4, next_rtts=s.next_rtts)
+        for i, s in enumerate(servers)
+    ]
+    before = planner.expansions
+    planner.update([ServerUpdated(s) for s in moved])
+    got = planner.plan()
+    fresh = RoutePlanner(moved, cm, end=20)
+    assert got.cost == pytest.approx(fresh.plan().cost, rel=1e-9)
+    assert planner.expansions - before <= 1.2 * fresh.expansions  # a repair costs ~2x here

@@ -142,7 +142,10 @@ def random_position(rng: random.Random, planner: RoutePlanner, truth: Truth):
     return block, prev
 
 
-def test_dstar_matches_dijkstra_on_random_swarms() -> None:
+def test_dstar_matches_dijkstra_on_random_swarms(monkeypatch: pytest.MonkeyPatch) -> None:
+    import routing.dstar
+
+    monkeypatch.setattr(routing.dstar, "RESET_FRACTION", float("inf"))  # always repair
     repair_over_fresh = []
     for seed in range(1000):
         rng = random.Random(seed)
@@ -187,7 +190,10 @@ def test_dstar_matches_dijkstra_on_random_swarms() -> None:
 
 
 def test_dstar_matches_dijkstra_on_crowded_boundaries() -> None:
-    """Dozens of servers per boundary: several hub tree levels, many dear links to avoid."""
+    """Dozens of servers per boundary: several hub tree levels, many dear links to avoid.
+
+    Runs with the planner's default reset threshold, so both repairs and resets happen.
+    """
     tightened = 0
     for seed in range(40):
         rng = random.Random(10_000 + seed)
