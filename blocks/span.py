@@ -123,6 +123,8 @@ class Span:
     def new_cache(
         self, batch_size: int, max_length: int, start: int | None = None, end: int | None = None
     ) -> KVCache:
+        """Allocate a session's cache for blocks [start, end) now, all `max_length` positions of it
+        (its `nbytes` is exactly what `cache_bytes_per_token(batch_size, start, end) * max_length` said)."""
         start, end = self._interval(start, end)
         return KVCache(self.config, start, end, batch_size, max_length, self.dtype, self.device)
 

@@ -176,3 +176,14 @@ def test_sliding_window_is_applied(tmp_path):
     a, b = span.forward(x), plain.forward(x)
     assert torch.allclose(a[:, :8], b[:, :8], atol=1e-5)
     assert (a[:, 8:] - b[:, 8:]).abs().max() > 1e-2
+
+
+def test_linear_rope_scaling_matches_transformers(tmp_path):
+    rope = {"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0}
+    path = make_tiny_model(tmp_path / "lin", "llama", num_layers=2, rope_parameters=rope)
+    span = Span.load(path, 0, 2)
+    assert span.config.rope.type == "linear"
+    x = _hidden(span)
+    with torch.no_grad():
+        expected = reference_blocks(load_reference(path), x, 0, 2)
+    assert_close_scaled(span.forward(x), expected)

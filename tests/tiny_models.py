@@ -181,7 +181,6 @@ def make_tiny_model(
     path: str | Path,
     family: str = "llama",
     variant: str | None = None,
-    *,
     sharded: bool | str = False,
     num_layers: int = 4,
     hidden_size: int = 64,
