@@ -41,6 +41,7 @@ log = logging.getLogger("peerd.chain")
 # Server answers that mean "this server cannot help now": route around it.
 RETRYABLE_CODES = frozenset({"busy", "cache_full", "timeout", "internal", "unknown_session", "unknown_model"})
 REPLAY_CHUNK_TOKENS = 2048
+OPEN_WAIT = 3.0  # seconds an opening chain waits for a missing block to appear
 
 
 class ChainError(Exception):
@@ -124,6 +125,7 @@ class Planning:
     clock: Callable[[], float] = time.monotonic
     planner: RoutePlanner | None = None
     known: dict[str, ServerSpan] = field(default_factory=dict)
+    waiting: float | None = None  # overrides options.recovery_timeout while set
     rtts: dict[str, float] = field(default_factory=dict)
 
     def _eligible(self, servers: Iterable[ServerSpan]) -> list[ServerSpan]:
@@ -185,7 +187,8 @@ class Planning:
         return await self._wait_for_route(plan)
 
     async def _wait_for_route(self, plan: Callable[[], Route]) -> list[tuple[str, int, int]]:
-        deadline = self.clock() + self.options.recovery_timeout
+        wait = self.options.recovery_timeout if self.waiting is None else self.waiting
+        deadline = self.clock() + wait
         while True:
             try:
                 return [(h.peer_id, h.start, h.end) for h in plan().hops]
@@ -220,7 +223,11 @@ class InferenceChain:
     async def open(self) -> None:
         await self.planning.build()
         self.hops = []
-        await self._repair(0, None)
+        self.planning.waiting = OPEN_WAIT  # a gap at the start is reported soon, not waited out
+        try:
+            await self._repair(0, None)
+        finally:
+            self.planning.waiting = None
 
     async def aclose(self) -> None:
         """Close every session; the route stays readable afterwards."""
