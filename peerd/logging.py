@@ -37,3 +37,7 @@ def quiet_libp2p(level: str = "CRITICAL") -> None:
         logger = logging.getLogger(name)
         logger.setLevel(level.upper())
         logger.propagate = True  # py-libp2p turns propagation off; use our handler
+    # some modules pin their own level (the auto-connector logs routine dials at INFO)
+    for name, logger in list(logging.root.manager.loggerDict.items()):
+        if name.startswith("libp2p.") and isinstance(logger, logging.Logger):
+            logger.setLevel(logging.NOTSET)

@@ -162,7 +162,13 @@ class RelayManager:
                     await trio.sleep(0.05)
         except Exception:
             return False
-        return str(HOP_PROTOCOL) in _protocols(self.host, peer)
+        # a relay reached through another relay would refuse: reservations need a direct link
+        direct = [
+            c
+            for c in self.host.get_network().get_connections(peer)
+            if not any(map(is_relayed, _conn_addrs(c)))
+        ]
+        return bool(direct) and str(HOP_PROTOCOL) in _protocols(self.host, peer)
 
     def _relay_addrs(self, relay: ID, reported: list[bytes]) -> list[str]:
         """Addresses of `relay`: the one we reach it on first, then those it reports."""
