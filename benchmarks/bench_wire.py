@@ -7,7 +7,10 @@ tensor decoding). Its MB/s (of float32 tensor bytes) is compared with a plain
 are ||x - decoded|| / ||x|| on Gaussian data and on data with 6 outlier channels (x50).
 bitsandbytes' blockwise quantizer is timed alongside for reference when it is installed.
 
-    python benchmarks/bench_wire.py [--repeats 30]
+    python benchmarks/bench_wire.py [--repeats 30] [--threads N]
+
+On a busy 2-core machine torch's 2-thread kernels stall whenever a core is taken;
+`--threads 1` gives steadier figures there.
 """
 
 from __future__ import annotations
@@ -148,7 +151,10 @@ def bench_bitsandbytes(repeats: int) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=30)
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     print(f"tensor {SHAPE} float32, torch {torch.__version__}, {torch.get_num_threads()} threads\n")
     bench_codec(args.repeats)
     bench_small_step(args.repeats)
