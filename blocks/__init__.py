@@ -4,7 +4,7 @@ A server loads a `Span` of blocks and runs `forward`, `step` (with a `KVCache`) 
 a client loads `ClientParts` (embeddings, final norm, LM head). See DESIGN.md.
 """
 
-from .cache import KVCache
+from .cache import KVCache, cache_bytes_per_token
 from .client import ClientParts
 from .config import ModelConfig, load_config
 from .errors import (
@@ -30,6 +30,7 @@ __all__ = [
     "ModelConfig",
     "Span",
     "UnsupportedArchitecture",
+    "cache_bytes_per_token",
     "checkpoint_fingerprint",
     "load_config",
     "measure_throughput",
