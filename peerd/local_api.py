@@ -167,7 +167,7 @@ class LocalAPI:
             models.setdefault(record.model_id, {"servers": []})["servers"].append(record.to_dict())
         for model_id, info in models.items():
             mine = [r for r in records if r.model_id == model_id]
-            num_blocks = max(getattr(r, "num_blocks", 0) or r.end for r in mine)
+            num_blocks = max(max(r.num_blocks, r.end) for r in mine)
             counts = coverage(mine, num_blocks)
             info.update(num_blocks=num_blocks, coverage=counts, gaps=[list(g) for g in gaps(counts)])
         return models

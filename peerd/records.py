@@ -54,6 +54,7 @@ class ServerRecord:
     peer_id: str
     start: int  # first block served
     end: int  # one past the last block served
+    num_blocks: int = 0  # blocks in the whole model (0: unknown), so clients can see gaps at the end
     state: State = State.ONLINE
     inference_throughput: float = 0.0  # inference steps per second through one block
     forward_throughput: float = 0.0  # forward tokens per second through one block
@@ -111,12 +112,14 @@ class ServerRecord:
         if not (name and sep and fingerprint):
             raise InvalidRecord(f"model_id {self.model_id!r} is not <name>@<fingerprint>")
         _text(self.peer_id, "peer_id")
-        for name in ("start", "end", "free_cache_tokens", "seq"):
+        for name in ("start", "end", "num_blocks", "free_cache_tokens", "seq"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise InvalidRecord(f"{name} must be a non-negative integer, got {value!r}")
         if not self.start < self.end <= 1_000_000:
             raise InvalidRecord(f"bad block interval [{self.start}, {self.end})")
+        if self.num_blocks and self.end > self.num_blocks:
+            raise InvalidRecord(f"block interval [{self.start}, {self.end}) beyond the model's {self.num_blocks} blocks")
         for name in (
             "inference_throughput",
             "forward_throughput",

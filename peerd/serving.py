@@ -76,6 +76,7 @@ class BlockService:
             peer_id=self.swarm.node.peer_id,
             start=start,
             end=end,
+            num_blocks=self.config.num_blocks,
             state=self.state,
             inference_throughput=float(self.throughput.get("block_inference_steps_per_s", 0.0)),
             forward_throughput=float(self.throughput.get("block_forward_tokens_per_s", 0.0)),

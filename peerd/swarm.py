@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -39,6 +40,7 @@ class SwarmAccess:
         self.cache_dir = cache_dir
         self.local_handlers: dict[str, LocalHandler] = {}  # protocol -> handler of our own blocks
         self._nursery: trio.Nursery | None = None
+        self._records: dict[str, ServerRecord] = {}  # peer id -> freshest record seen
 
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         """Owns the tasks that serve in-process streams to our own blocks."""
@@ -48,10 +50,28 @@ class SwarmAccess:
             await trio.sleep_forever()
 
     async def list_servers(self, model_id: str | None) -> list[ServerRecord]:
-        return await self.node.list_servers(model_id)
+        """Live server records, fresh from the DHT merged with unexpired ones seen before.
+
+        A DHT listing on a busy swarm can miss some peers (a lookup timed out); a record
+        carries its own expiry, so a server seen recently is kept until its record expires
+        or it announces OFFLINE, instead of flickering in and out of the routes.
+        """
+        fresh = await self.node.list_servers(model_id, include_offline=True)
+        for record in fresh:
+            known = self._records.get(record.peer_id)
+            if known is None or record.seq >= known.seq:
+                self._records[record.peer_id] = record
+        now = time.time()
+        for peer_id in [p for p, r in self._records.items() if r.expires_at <= now]:
+            del self._records[peer_id]
+        return sorted(
+            (r for r in self._records.values()
+             if r.is_live(now) and (model_id is None or r.model_id == model_id)),
+            key=lambda r: (r.model_id, r.start, r.end, r.peer_id),
+        )
 
     async def server_spans(self, model_id: str) -> list[ServerSpan]:
-        return online_spans(await self.node.list_servers(model_id))
+        return online_spans(await self.list_servers(model_id))
 
     async def probe_rtts(self, peer_ids: Sequence[str]) -> dict[str, float]:
         """Ping candidates in parallel; the unreachable are left out (the planner's default)."""

@@ -17,7 +17,7 @@ import torch
 import trio
 
 import wire
-from peerd.chain import ChainError, ChainOptions, Connector, HopFailed, Planning, RETRYABLE_CODES
+from peerd.chain import RETRYABLE_CODES, ChainError, ChainOptions, Connector, HopFailed, Planning
 from peerd.framed import ConnectionLost
 from peerd.server.block_server import RPC_PROTOCOL
 

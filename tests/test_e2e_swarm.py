@@ -36,7 +36,7 @@ PROMPT_IDS = [5, 17, 42, 7, 99, 3]
 def swarm(tmp_path_factory):
     root = tmp_path_factory.mktemp("e2e")
     model_dir = make_tiny_model(root / "tiny-llama", "llama", num_layers=NUM_BLOCKS, num_key_value_heads=2)
-    with DaemonGroup(root / "homes", announce_period=2.0) as group:
+    with DaemonGroup(root / "homes", announce_period=5.0) as group:
         boot = group.start("boot", "--new-swarm")
         servers = {
             name: group.spawn(name, str(model_dir), "--blocks", blocks, "--initial-peers", boot.addrs[0],
