@@ -159,11 +159,11 @@ class BlockServer:
                 except RequestRefused as exc:
                     await self._reply_error(channel, exc.code, exc.message, exc.details)
                 except wire.WireError as exc:
-                    await self._reply_error(channel, exc.code, str(exc), {})
+                    await self._reply_error(channel, exc.code, exc.message, exc.details)
         except wire.WireError as exc:  # unreadable frame: framing is lost, tell and hang up
             log.info("inference stream: bad frame (%s), closing", exc)
             try:
-                await self._reply_error(channel, exc.code, str(exc), {})
+                await self._reply_error(channel, exc.code, exc.message, exc.details)
             except ConnectionLost:
                 pass
         except ConnectionLost as exc:
@@ -263,11 +263,11 @@ class BlockServer:
                 except RequestRefused as exc:
                     reply = wire.Error(code=exc.code, message=exc.message, details=exc.details)
                 except wire.WireError as exc:
-                    reply = wire.Error(code=exc.code, message=str(exc), details={})
+                    reply = wire.Error(code=exc.code, message=exc.message, details=exc.details)
                 await channel.write_message(reply.to_wire())
         except wire.WireError as exc:
             try:
-                await self._reply_error(channel, exc.code, str(exc), {})
+                await self._reply_error(channel, exc.code, exc.message, exc.details)
             except ConnectionLost:
                 pass
         except ConnectionLost:
