@@ -12,6 +12,7 @@ can serve a client that needs only part of it.
 from __future__ import annotations
 
 import operator
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -88,8 +89,12 @@ class Span:
         dtype: torch.dtype | str = torch.float32,
         quant: str = "none",
         device: torch.device | str = "cpu",
+        progress: Callable[[int], None] | None = None,
     ) -> Span:
-        """Load blocks [start, end) of the checkpoint at `path`, reading only their tensors."""
+        """Load blocks [start, end) of the checkpoint at `path`, reading only their tensors.
+
+        `progress(index)` is called after each block is loaded (e.g. to advance a progress bar).
+        """
         config = load_config(path)
         family = family_of(config)
         start, end = check_block_range(config, start, end)
@@ -103,6 +108,8 @@ class Span:
             prefix = f"{layers}.{index}."
             _load_state(block, ckpt, prefix, dtype)
             blocks.append(quantize_linears(block, quant, device))
+            if progress is not None:
+                progress(index)
         return cls(config, start, end, blocks, dtype=dtype, device=device, quant=quant)
 
     def __repr__(self) -> str:

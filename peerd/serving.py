@@ -151,9 +151,7 @@ class BlockService:
         start, end = interval
         began = time.monotonic()
         log.info("loading blocks %d:%d of %s (%s, quant %s, %s)", start, end, self.model_id, opts.dtype, opts.quant, opts.device)
-        span = await trio.to_thread.run_sync(
-            lambda: Span.load(opts.model_path, start, end, dtype=opts.dtype, quant=opts.quant, device=opts.device)
-        )
+        span = await trio.to_thread.run_sync(lambda: self._load_span(start, end))
         log.info("loaded %d blocks (%.0f MiB) in %.1f s", end - start, span.nbytes / 2**20, time.monotonic() - began)
         self.throughput = await trio.to_thread.run_sync(
             lambda: measure_throughput(span, self.swarm.cache_dir, self.model_id)
@@ -167,6 +165,17 @@ class BlockService:
             "online: blocks %d:%d, %.1f inference steps/s per block, %d cache tokens",
             start, end, self.throughput.get("block_inference_steps_per_s", 0.0), server.budget.capacity,
         )
+
+    def _load_span(self, start: int, end: int) -> Span:
+        """Load with a progress bar on stderr (weights of big models take minutes to read)."""
+        from tqdm import tqdm
+
+        opts = self.options
+        with tqdm(total=end - start, desc=f"loading blocks {start}:{end}", unit="block", leave=False) as bar:
+            return Span.load(
+                opts.model_path, start, end, dtype=opts.dtype, quant=opts.quant, device=opts.device,
+                progress=lambda _: bar.update(1),
+            )
 
     def _record_dict(self) -> dict:
         record = self.record()
