@@ -1,1 +1,21 @@
-"""balancing."""
+"""balancing: which contiguous interval of blocks a server holds, and when it should move.
+
+Pure functions over plain records (no I/O, no clock, no randomness); see README.md beside this
+file for the algorithm.
+"""
+
+from balancing.choose import canonical_plan, choose_blocks, settle
+from balancing.move import DEFAULT_MIN_GAIN, should_move
+from balancing.swarm import Span, SwarmEntry, block_throughputs, swarm_throughput
+
+__all__ = [
+    "DEFAULT_MIN_GAIN",
+    "Span",
+    "SwarmEntry",
+    "block_throughputs",
+    "canonical_plan",
+    "choose_blocks",
+    "settle",
+    "should_move",
+    "swarm_throughput",
+]

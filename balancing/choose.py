@@ -1,0 +1,137 @@
+"""Where a server should sit: the greedy placement rule and the settling it leads to.
+
+Placement rule (joining, `choose_blocks`): try every start; adding the server's throughput to
+the window gives a new per-block vector; keep the start whose vector is best in *leximin*
+order (compare the sorted vectors: the larger smallest value wins, ties go to the next
+smallest, and so on). The first criterion is exactly "raise the bottleneck most"; the later ones
+say "among those, lift the next-worst blocks", which covers gaps first (a gap is the worst
+possible block) and makes progress even when the bottleneck is shared by blocks that no single
+server can cover together. Exact ties go to the lowest start (to the current one for a server
+that already sits somewhere). Values are compared on an integer grid (see grid.py), so float
+noise never counts as progress and every peer decides the same from the same records.
+
+`settle` lets servers take turns at strictly improving greedy moves: the placement a swarm can
+reach one move at a time. `canonical_plan` places the same servers from scratch, strongest
+first (by throughput, by throughput x size, by size: the best of the three), then settles:
+greedy joins in random order leave small swarms in local optima (weak servers spread over the
+model before strong ones arrive), and strongest-first joins chain the strong servers end to
+end, which is how optimal placements look. The plan depends only on the set of servers (not
+on where they sit now), so every server computes the same plan.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from functools import lru_cache
+
+from balancing.grid import Grid, best_start, totals, window_masks
+from balancing.swarm import Span, SwarmEntry, ordered, usable_throughput
+
+
+def choose_blocks(
+    num_blocks: int, swarm: Iterable[Span], my_num_blocks: int, my_throughput: float
+) -> tuple[int, int]:
+    """The interval [start, end) of `my_num_blocks` blocks that helps `swarm` most."""
+    size = checked_size(num_blocks, my_num_blocks)
+    entries = entries_of(num_blocks, swarm)
+    value = max(0.0, float(my_throughput))
+    grid = Grid([e.throughput for e in entries] + [value])
+    start = best_start(totals(num_blocks, entries, grid), size, grid.units(value))
+    return start, start + size
+
+
+def settle(num_blocks: int, swarm: Iterable[Span], max_rounds: int) -> list[SwarmEntry]:
+    """Let servers, one at a time in peer_id order, make strictly improving greedy moves.
+
+    Stops after a round without moves or after `max_rounds`. No gain threshold: this is the
+    placement a swarm can reach by greedy steps.
+    """
+    return list(_settle(num_blocks, _entries_tuple(num_blocks, swarm), max_rounds))
+
+
+@lru_cache(maxsize=64)
+def _settle(
+    num_blocks: int, swarm: tuple[SwarmEntry, ...], max_rounds: int
+) -> tuple[SwarmEntry, ...]:
+    """Cached: every server of one swarm state asks for the same settling."""
+    entries = list(swarm)
+    grid = Grid([e.throughput for e in entries])
+    running = totals(num_blocks, entries, grid)
+    for _ in range(max_rounds):
+        moved_any = False
+        for index, entry in enumerate(entries):
+            step = grid.units(entry.throughput)
+            masks = window_masks(num_blocks, entry.num_blocks)
+            base = running - step * masks[entry.start]
+            best = best_start(base, entry.num_blocks, step, current=entry.start)
+            if best != entry.start:
+                entries[index] = entry.moved_to(best)
+                running = base + step * masks[best]
+                moved_any = True
+        if not moved_any:
+            break
+    return tuple(entries)
+
+
+def canonical_plan(num_blocks: int, swarm: Iterable[Span], max_rounds: int) -> list[SwarmEntry]:
+    """Every server re-placed from scratch in a few fixed orders, settled; the best one."""
+    entries = _entries_tuple(num_blocks, swarm)
+    return list(_canonical_plan(num_blocks, entries, max_rounds))
+
+
+# Join orders tried by the canonical plan, strongest first in three senses.
+_PLAN_ORDERS = (
+    lambda e: (-e.throughput, -e.num_blocks, e.peer_id),
+    lambda e: (-e.throughput * e.num_blocks, e.peer_id),
+    lambda e: (-e.num_blocks, -e.throughput, e.peer_id),
+)
+
+
+@lru_cache(maxsize=64)
+def _canonical_plan(
+    num_blocks: int, swarm: tuple[SwarmEntry, ...], max_rounds: int
+) -> tuple[SwarmEntry, ...]:
+    grid = Grid([e.throughput for e in swarm])
+    best, best_value = swarm, -1
+    for order in _PLAN_ORDERS:
+        running = totals(num_blocks, [], grid)
+        placed = []
+        for entry in sorted(swarm, key=order):
+            step = grid.units(entry.throughput)
+            start = best_start(running, entry.num_blocks, step)
+            running = running + step * window_masks(num_blocks, entry.num_blocks)[start]
+            placed.append(entry.moved_to(start))
+        plan = _settle(num_blocks, tuple(ordered(placed)), max_rounds)
+        value = int(totals(num_blocks, plan, grid).min())
+        if value > best_value:
+            best, best_value = plan, value
+    return best
+
+
+def _entries_tuple(num_blocks: int, swarm: Iterable[Span]) -> tuple[SwarmEntry, ...]:
+    return tuple(ordered(entries_of(num_blocks, swarm)))
+
+
+def checked_size(num_blocks: int, size: int) -> int:
+    if num_blocks <= 0:
+        raise ValueError(f"num_blocks must be positive, got {num_blocks}")
+    if size <= 0:
+        raise ValueError(f"a server must hold at least one block, got {size}")
+    return min(size, num_blocks)
+
+
+def own_entry(num_blocks: int, span: Span) -> SwarmEntry:
+    """The deciding server's record inside [0, num_blocks), keeping its size where it fits."""
+    size = checked_size(num_blocks, int(span.end) - int(span.start))
+    start = min(max(0, int(span.start)), num_blocks - size)
+    return SwarmEntry(str(span.peer_id), start, start + size, usable_throughput(span))
+
+
+def entries_of(num_blocks: int, swarm: Iterable[Span]) -> list[SwarmEntry]:
+    """Other servers' records, cut to the blocks [0, num_blocks) they really cover."""
+    entries = []
+    for span in swarm:
+        start, end = max(0, int(span.start)), min(num_blocks, int(span.end))
+        if end > start:
+            entries.append(SwarmEntry(str(span.peer_id), start, end, usable_throughput(span)))
+    return entries

@@ -1,0 +1,175 @@
+"""balancing/: swarm throughput, where a joining server sits, when a server moves."""
+
+from __future__ import annotations
+
+import random
+from collections import namedtuple
+
+import pytest
+
+from balancing import (
+    SwarmEntry,
+    block_throughputs,
+    canonical_plan,
+    choose_blocks,
+    settle,
+    should_move,
+    swarm_throughput,
+)
+
+E = SwarmEntry
+
+
+def test_bottleneck_is_the_worst_block_and_a_gap_is_zero() -> None:
+    swarm = [E("a", 0, 6, 2.0), E("b", 4, 10, 3.0)]
+    assert block_throughputs(10, swarm) == [2, 2, 2, 2, 5, 5, 3, 3, 3, 3]
+    assert swarm_throughput(10, swarm) == 2.0
+    assert swarm_throughput(12, swarm) == 0.0  # blocks 10 and 11 are not served
+
+
+def test_sums_are_bit_identical_in_any_record_order() -> None:
+    rng = random.Random(3)
+    swarm = [E(f"p{i}", s, s + 7, rng.uniform(0.1, 10)) for i, s in enumerate(range(0, 30, 2))]
+    reference = block_throughputs(40, swarm)
+    for _ in range(20):
+        rng.shuffle(swarm)
+        assert block_throughputs(40, swarm) == reference
+
+
+def test_bad_records_add_nothing_and_bad_arguments_are_refused() -> None:
+    swarm = [E("a", 0, 4, float("nan")), E("b", 0, 4, -1.0), E("c", 0, 4, 1.0)]
+    assert block_throughputs(4, swarm) == [1.0] * 4
+    with pytest.raises(ValueError, match="num_blocks"):
+        block_throughputs(0, swarm)
+    with pytest.raises(ValueError, match="at least one block"):
+        choose_blocks(4, swarm, 0, 1.0)
+
+
+def test_records_of_other_shapes_are_accepted() -> None:
+    """The daemon passes its own records (e.g. routing.ServerSpan): duck-typed fields."""
+    Record = namedtuple("Record", "peer_id start end throughput bandwidth")
+    swarm = [Record("a", 0, 5, 1.0, 1e8), Record("b", 5, 10, 2.0, 1e8)]
+    assert swarm_throughput(10, swarm) == 1.0
+    assert choose_blocks(10, swarm, 5, 1.0) == (0, 5)
+
+
+def test_first_server_starts_at_block_zero() -> None:
+    assert choose_blocks(80, [], 30, 5.0) == (0, 30)
+    assert choose_blocks(20, [], 30, 5.0) == (0, 20)  # more memory than blocks
+
+
+def test_gaps_get_filled_first() -> None:
+    # Blocks 40..79 are served by nobody; a strong swarm on 0..40 does not distract.
+    swarm = [E("a", 0, 40, 100.0), E("b", 0, 40, 100.0)]
+    assert choose_blocks(80, swarm, 40, 1.0) == (40, 80)
+    # A hole in the middle.
+    swarm = [E("a", 0, 30, 1.0), E("b", 50, 80, 1.0)]
+    assert choose_blocks(80, swarm, 20, 1.0) == (30, 50)
+    # A hole larger than the server: it covers as much of it as it can, from the left.
+    assert choose_blocks(80, swarm, 10, 1.0) == (30, 40)
+
+
+def test_the_weakest_blocks_get_the_help() -> None:
+    swarm = [E("a", 0, 80, 5.0), E("b", 0, 20, 5.0), E("c", 30, 80, 5.0)]
+    # Blocks 20..29 have 5, everything else 10.
+    assert choose_blocks(80, swarm, 10, 1.0) == (20, 30)
+    start, end = choose_blocks(80, swarm, 16, 1.0)
+    assert start <= 20 and end >= 30
+
+
+def test_ties_are_broken_the_same_way_whatever_the_record_order() -> None:
+    rng = random.Random(5)
+    swarm = [E(f"p{i}", rng.randrange(0, 60), 0, 1.0) for i in range(12)]
+    swarm = [E(e.peer_id, e.start, e.start + 20, rng.choice([1.0, 2.0])) for e in swarm]
+    expected = choose_blocks(80, swarm, 15, 1.0)
+    for _ in range(10):
+        rng.shuffle(swarm)
+        assert choose_blocks(80, swarm, 15, 1.0) == expected
+
+
+def test_balanced_swarm_stays_put() -> None:
+    swarm = [E("a", 0, 40, 1.0), E("b", 40, 80, 1.0), E("c", 0, 40, 1.0), E("d", 40, 80, 1.0)]
+    for me in swarm:
+        assert should_move(80, swarm, me) == (False, (me.start, me.end))
+
+
+def test_a_server_moves_to_the_bottleneck_when_it_pays() -> None:
+    # Blocks 40..79 have half the throughput of 0..39; c is redundant where it sits.
+    swarm = [E("a", 0, 40, 1.0), E("b", 0, 80, 1.0), E("c", 0, 40, 1.0)]
+    assert swarm_throughput(80, swarm) == 1.0
+    assert should_move(80, swarm, swarm[2]) == (True, (40, 80))
+    # Not when the threshold asks for more than doubling.
+    assert should_move(80, swarm, swarm[2], min_gain=1.5) == (False, (0, 40))
+
+
+def test_sole_holder_does_not_leave_a_gap() -> None:
+    # Only a serves blocks 0..9; moving to 10..19 would help there but open a gap.
+    swarm = [E("a", 0, 10, 1.0), E("b", 10, 20, 1.0), E("c", 10, 20, 5.0)]
+    assert should_move(20, swarm, swarm[0]) == (False, (0, 10))
+    # The swarm does rebalance (c trades places), and never has a gap on the way.
+    final = _rebalance(20, swarm, random.Random(0), check_no_gap=True)
+    assert swarm_throughput(20, final) > swarm_throughput(20, swarm)
+
+
+def test_no_oscillation_over_many_rounds() -> None:
+    rng = random.Random(11)
+    for _ in range(15):
+        n = 40
+        swarm: list[SwarmEntry] = []
+        for i in range(rng.randint(3, 25)):
+            size, value = rng.randint(3, 20), 10 ** rng.uniform(0, 1)
+            start, end = choose_blocks(n, swarm, size, value)
+            swarm.append(E(f"s{i:02d}", start, end, value))
+        joined = swarm_throughput(n, swarm)
+        final = _rebalance(n, swarm, rng, max_rounds=len(swarm) + 10)
+        assert swarm_throughput(n, final) >= joined
+        # Stable: a further round moves nobody.
+        assert all(not should_move(n, final, me)[0] for me in final)
+
+
+def test_rebalancing_escapes_a_local_optimum() -> None:
+    # Joined one by one in this order; no single move raises the bottleneck (settling keeps
+    # it at 1), but placing the strong server first doubles it.
+    swarm = [E("s0", 0, 2, 1.0), E("s1", 2, 9, 2.0), E("s2", 9, 12, 1.0), E("s3", 4, 12, 1.0)]
+    assert swarm_throughput(12, swarm) == 1.0
+    assert swarm_throughput(12, settle(12, swarm, 8)) == 1.0
+    assert swarm_throughput(12, canonical_plan(12, swarm, 8)) == 2.0
+    final = _rebalance(12, swarm, random.Random(1), check_no_gap=True)
+    assert swarm_throughput(12, final) == 2.0
+
+
+def test_decisions_do_not_depend_on_record_order() -> None:
+    rng = random.Random(2)
+    swarm = []
+    for i in range(10):
+        size, value = rng.randint(5, 30), rng.uniform(1, 10)
+        start = rng.randint(0, 80 - size)
+        swarm.append(E(f"p{i:02d}", start, start + size, value))
+    expected = [should_move(80, swarm, me) for me in swarm]
+    for _ in range(5):
+        shuffled = swarm[:]
+        rng.shuffle(shuffled)
+        assert [should_move(80, shuffled, me) for me in swarm] == expected
+
+
+def _rebalance(
+    n: int,
+    swarm: list[SwarmEntry],
+    rng: random.Random,
+    max_rounds: int = 30,
+    check_no_gap: bool = False,
+) -> list[SwarmEntry]:
+    """Rounds of should_move in random order until a round moves nobody (must happen)."""
+    swarm = list(swarm)
+    for _ in range(max_rounds):
+        moved = False
+        for index in rng.sample(range(len(swarm)), len(swarm)):
+            go, (start, end) = should_move(n, swarm, swarm[index])
+            if go:
+                swarm[index] = E(swarm[index].peer_id, start, end, swarm[index].throughput)
+                moved = True
+                if check_no_gap:
+                    assert swarm_throughput(n, swarm) > 0
+        if not moved:
+            return swarm
+    raise AssertionError(f"still moving after {max_rounds} rounds")
