@@ -8,17 +8,35 @@ import click
 
 
 @click.command()
-@click.option("--model", required=True, help="Checkpoint directory of the model (the daemon loads its head and tokenizer).")
+@click.option(
+    "--model",
+    required=True,
+    help="Checkpoint directory of the model (the daemon loads its head and tokenizer).",
+)
 @click.argument("prompt")
 @click.option("--max-new-tokens", type=click.IntRange(min=1), default=32, show_default=True)
-@click.option("--temperature", type=click.FloatRange(min=0), default=0.0, show_default=True, help="0: greedy.")
+@click.option(
+    "--temperature", type=click.FloatRange(min=0), default=0.0, show_default=True, help="0: greedy."
+)
 @click.option("--top-k", type=click.IntRange(min=0), default=0, show_default=True)
-@click.option("--top-p", type=click.FloatRange(min=0, max=1, min_open=True), default=1.0, show_default=True)
-@click.option("--repetition-penalty", type=click.FloatRange(min=0, min_open=True), default=1.0, show_default=True)
+@click.option(
+    "--top-p", type=click.FloatRange(min=0, max=1, min_open=True), default=1.0, show_default=True
+)
+@click.option(
+    "--repetition-penalty",
+    type=click.FloatRange(min=0, min_open=True),
+    default=1.0,
+    show_default=True,
+)
 @click.option("--stop", multiple=True, help="Stop when the text contains this (repeatable).")
 @click.option("--seed", type=int, default=None)
-@click.option("--socket", "socket_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help="Daemon socket (default: $PEERD_SOCKET or ~/.peerd/peerd.sock).")
+@click.option(
+    "--socket",
+    "socket_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Daemon socket (default: $PEERD_SOCKET or ~/.peerd/peerd.sock).",
+)
 def generate(model: str, prompt: str, socket_path: Path | None, **opts) -> None:
     """Generate text after PROMPT with the swarm, printing tokens as they arrive."""
     from peerd.client import Peer, PeerdError
@@ -27,7 +45,9 @@ def generate(model: str, prompt: str, socket_path: Path | None, **opts) -> None:
     if model_path.exists():
         model = str(model_path.resolve())
     try:
-        for piece in Peer(socket_path).generate(model, prompt, stream=True, stop=opts.pop("stop"), **opts):
+        for piece in Peer(socket_path).generate(
+            model, prompt, stream=True, stop=opts.pop("stop"), **opts
+        ):
             click.echo(piece, nl=False)
     except PeerdError as exc:
         raise click.ClickException(str(exc)) from None

@@ -24,30 +24,86 @@ def _parse_blocks(ctx: click.Context, param: click.Parameter, value: str | None)
 
 @click.command()
 @click.argument("model", type=click.Path(exists=True, file_okay=False, path_type=Path))
-@click.option("--model-name", default=None, help="Name in the model id (default: the directory's name).")
-@click.option("--blocks", callback=_parse_blocks, metavar="A:B", help="Serve exactly blocks A..B-1.")
-@click.option("--num-blocks", type=click.IntRange(min=1), help="Serve this many blocks, where the swarm needs them.")
-@click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default=None,
-              help="Compute dtype (default: float32 on CPU, bfloat16 on GPU).")
-@click.option("--quant", type=click.Choice(["none", "int8", "nf4"]), default="none", show_default=True,
-              help="Weight quantization (bitsandbytes LLM.int8 or NF4).")
-@click.option("--gpu", type=click.IntRange(min=0), default=None, help="CUDA device index to serve on.")
+@click.option(
+    "--model-name", default=None, help="Name in the model id (default: the directory's name)."
+)
+@click.option(
+    "--blocks", callback=_parse_blocks, metavar="A:B", help="Serve exactly blocks A..B-1."
+)
+@click.option(
+    "--num-blocks",
+    type=click.IntRange(min=1),
+    help="Serve this many blocks, where the swarm needs them.",
+)
+@click.option(
+    "--dtype",
+    type=click.Choice(["float32", "bfloat16", "float16"]),
+    default=None,
+    help="Compute dtype (default: float32 on CPU, bfloat16 on GPU).",
+)
+@click.option(
+    "--quant",
+    type=click.Choice(["none", "int8", "nf4"]),
+    default="none",
+    show_default=True,
+    help="Weight quantization (bitsandbytes LLM.int8 or NF4).",
+)
+@click.option(
+    "--gpu", type=click.IntRange(min=0), default=None, help="CUDA device index to serve on."
+)
 @click.option("--device", default=None, help="torch device (e.g. cpu, cuda:1); --gpu N is cuda:N.")
-@click.option("--socket", "socket_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help="Local API socket (default: HOME/peerd.sock).")
-@click.option("--cache-tokens", type=click.IntRange(min=0), default=16384, show_default=True,
-              help="KV-cache budget in tokens over all sessions.")
-@click.option("--cache-mib", type=click.IntRange(min=0), default=None, help="KV-cache budget in MiB (the smaller budget wins).")
+@click.option(
+    "--socket",
+    "socket_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Local API socket (default: HOME/peerd.sock).",
+)
+@click.option(
+    "--cache-tokens",
+    type=click.IntRange(min=0),
+    default=16384,
+    show_default=True,
+    help="KV-cache budget in tokens over all sessions.",
+)
+@click.option(
+    "--cache-mib",
+    type=click.IntRange(min=0),
+    default=None,
+    help="KV-cache budget in MiB (the smaller budget wins).",
+)
 @click.option("--max-sessions", type=click.IntRange(min=1), default=64, show_default=True)
-@click.option("--max-tokens-per-request", type=click.IntRange(min=1), default=8192, show_default=True)
-@click.option("--max-frame-mib", type=click.IntRange(min=1), default=64, show_default=True,
-              help="Largest message accepted from a peer.")
-@click.option("--step-timeout", type=click.FloatRange(min=0.1), default=60.0, show_default=True,
-              help="Seconds a request may wait for the compute device before 'busy'.")
-@click.option("--idle-timeout", type=click.FloatRange(min=1), default=300.0, show_default=True,
-              help="Seconds before an idle inference session is closed.")
-@click.option("--rebalance-period", type=click.FloatRange(min=0), default=300.0, show_default=True,
-              help="Seconds between checks whether other blocks need us more (0: never).")
+@click.option(
+    "--max-tokens-per-request", type=click.IntRange(min=1), default=8192, show_default=True
+)
+@click.option(
+    "--max-frame-mib",
+    type=click.IntRange(min=1),
+    default=64,
+    show_default=True,
+    help="Largest message accepted from a peer.",
+)
+@click.option(
+    "--step-timeout",
+    type=click.FloatRange(min=0.1),
+    default=60.0,
+    show_default=True,
+    help="Seconds a request may wait for the compute device before 'busy'.",
+)
+@click.option(
+    "--idle-timeout",
+    type=click.FloatRange(min=1),
+    default=300.0,
+    show_default=True,
+    help="Seconds before an idle inference session is closed.",
+)
+@click.option(
+    "--rebalance-period",
+    type=click.FloatRange(min=0),
+    default=300.0,
+    show_default=True,
+    help="Seconds between checks whether other blocks need us more (0: never).",
+)
 @network_options(default_host="0.0.0.0")
 def serve(model: Path, **opts: Any) -> None:
     """Serve blocks of MODEL (an HF-format checkpoint directory) to the swarm."""
@@ -83,6 +139,9 @@ def serve(model: Path, **opts: Any) -> None:
         rebalance_period=opts["rebalance_period"],
     )
     daemon = Daemon(
-        node_config(opts), socket_path=opts["socket_path"], serve=serve_options, max_frame=limits.max_frame
+        node_config(opts),
+        socket_path=opts["socket_path"],
+        serve=serve_options,
+        max_frame=limits.max_frame,
     )
     run_node(daemon.node, opts["log_level"])

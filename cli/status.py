@@ -23,7 +23,9 @@ def format_status(models: dict) -> str:
         lines.append(f"Model {model_id}  ({info['num_blocks']} blocks)")
         lines.append(f"  coverage  {coverage_bar(info['coverage'])}")
         lines.append(f"  gaps      {gap_text}")
-        lines.append(f"  {'peer':<16} {'blocks':>9} {'state':<8} {'steps/s/blk':>11} {'fwd tok/s':>10} {'cache free':>10} {'quant':<5} relay")
+        lines.append(
+            f"  {'peer':<16} {'blocks':>9} {'state':<8} {'steps/s/blk':>11} {'fwd tok/s':>10} {'cache free':>10} {'quant':<5} relay"
+        )
         for s in sorted(info["servers"], key=lambda s: (s["start"], s["end"], s["peer_id"])):
             lines.append(
                 f"  …{s['peer_id'][-15:]:<15} {s['start']:>4}:{s['end']:<4} {s['state']:<8} "
@@ -35,8 +37,13 @@ def format_status(models: dict) -> str:
 
 
 @click.command()
-@click.option("--socket", "socket_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help="Daemon socket (default: $PEERD_SOCKET or ~/.peerd/peerd.sock).")
+@click.option(
+    "--socket",
+    "socket_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Daemon socket (default: $PEERD_SOCKET or ~/.peerd/peerd.sock).",
+)
 def status(socket_path: Path | None) -> None:
     """Print the models in the swarm, their block coverage and their servers."""
     from peerd.client import Peer, PeerdError

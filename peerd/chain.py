@@ -39,7 +39,9 @@ from routing import (
 log = logging.getLogger("peerd.chain")
 
 # Server answers that mean "this server cannot help now": route around it.
-RETRYABLE_CODES = frozenset({"busy", "cache_full", "timeout", "internal", "unknown_session", "unknown_model"})
+RETRYABLE_CODES = frozenset(
+    {"busy", "cache_full", "timeout", "internal", "unknown_session", "unknown_model"}
+)
 REPLAY_CHUNK_TOKENS = 2048
 OPEN_WAIT = 3.0  # seconds an opening chain waits for a missing block to appear
 
@@ -154,13 +156,14 @@ class Planning:
         )
 
     async def refresh(self) -> None:
-        """Tell the planner about servers that appeared (or came back from a ban)."""
+        """Tell the planner which servers appeared (or came back from a ban) and which left."""
         assert self.planner is not None
-        fresh = self._eligible(await self.source())
-        added = [ServerAdded(s) for s in fresh if s.peer_id not in self.known]
-        self.known.update({s.peer_id: s for s in fresh})
-        if added:
-            self.planner.update(added)
+        fresh = {s.peer_id: s for s in self._eligible(await self.source())}
+        changes: list = [ServerRemoved(p) for p in self.known if p not in fresh]
+        changes += [ServerAdded(s) for p, s in fresh.items() if p not in self.known]
+        self.known = fresh
+        if changes:
+            self.planner.update(changes)
 
     def ban(self, peer_id: str) -> None:
         assert self.planner is not None
@@ -181,7 +184,11 @@ class Planning:
         def plan() -> Route:
             servers = self._eligible(self.known.values())
             return RoutePlanner(
-                servers, CostModel(client_rtts=self.rtts), start=start, end=end, mode=self.options.mode
+                servers,
+                CostModel(client_rtts=self.rtts),
+                start=start,
+                end=end,
+                mode=self.options.mode,
             ).plan()
 
         return await self._wait_for_route(plan)
@@ -272,11 +279,17 @@ class InferenceChain:
         self.length += hidden.shape[1]
         return x
 
-    async def _send_step(self, hop: ChainHop, x: torch.Tensor, *, replay: bool = False) -> torch.Tensor:
+    async def _send_step(
+        self, hop: ChainHop, x: torch.Tensor, *, replay: bool = False
+    ) -> torch.Tensor:
         assert hop.channel is not None
         step_id = next(self._step_ids)
         message = wire.Step(
-            hidden=x, step_id=step_id, start=None, end=None, replay=replay,
+            hidden=x,
+            step_id=step_id,
+            start=None,
+            end=None,
+            replay=replay,
             compression=self.options.compression,
         )
         reply = await self._request(hop, message.to_wire(), self.options.step_timeout)
@@ -284,7 +297,9 @@ class InferenceChain:
             raise HopFailed(hop.peer_id, f"unexpected reply {type(reply).__name__}")
         expected = (x.shape[0], x.shape[1])
         if tuple(reply.hidden.shape[:2]) != expected:
-            raise HopFailed(hop.peer_id, f"reply of shape {list(reply.hidden.shape)} for input {list(x.shape)}")
+            raise HopFailed(
+                hop.peer_id, f"reply of shape {list(reply.hidden.shape)} for input {list(x.shape)}"
+            )
         return reply.hidden
 
     async def _request(self, hop: ChainHop, message: dict, timeout: float) -> wire.Message:
@@ -306,7 +321,12 @@ class InferenceChain:
     # ----- recovery ---------------------------------------------------------------
     async def _recover(self, index: int, failure: HopFailed) -> None:
         started = time.monotonic()
-        log.warning("server %s failed (%s); repairing from block %d", failure.peer_id[:12], failure.reason, self.hops[index].start)
+        log.warning(
+            "server %s failed (%s); repairing from block %d",
+            failure.peer_id[:12],
+            failure.reason,
+            self.hops[index].start,
+        )
         self._ban(failure)
         replayed = await self._repair(index, failure.peer_id)
         self.recoveries.append(
@@ -357,7 +377,9 @@ class InferenceChain:
     def _ban(self, failure: HopFailed) -> None:
         self.failures += 1
         if self.failures > self.options.max_failures:
-            raise ChainError("no_route", f"giving up after {self.failures} server failures; last: {failure}")
+            raise ChainError(
+                "no_route", f"giving up after {self.failures} server failures; last: {failure}"
+            )
         self.planning.ban(failure.peer_id)
 
     async def _open_and_replay(self, hop: ChainHop) -> int:
@@ -388,7 +410,9 @@ class InferenceChain:
             return 0
         past = self.history.get(hop.start)
         if not past:
-            raise ChainError("internal", f"no stored inputs for block {hop.start}: cannot rebuild its cache")
+            raise ChainError(
+                "internal", f"no stored inputs for block {hop.start}: cannot rebuild its cache"
+            )
         inputs = torch.cat(past, dim=1)
         chunk = max(1, REPLAY_CHUNK_TOKENS // max(1, inputs.shape[0]))
         outputs = [

@@ -97,7 +97,9 @@ class FramedChannel:
             chunk = await self.stream.receive_some(max(n - len(self._buffer), 65536))
             if not chunk:
                 if self._buffer:
-                    raise ConnectionLost(f"stream ended in the middle of a frame ({len(self._buffer)} of {n} bytes)")
+                    raise ConnectionLost(
+                        f"stream ended in the middle of a frame ({len(self._buffer)} of {n} bytes)"
+                    )
                 raise ConnectionLost("stream ended")
             self._buffer += chunk
         data = bytes(self._buffer[:n])

@@ -64,7 +64,9 @@ class DaemonProcess:
         while True:
             left = deadline - time.monotonic()
             if left <= 0:
-                raise DaemonFailed(f"{self.name} not ready after {timeout:.0f} s; log:\n{self.log_tail()}")
+                raise DaemonFailed(
+                    f"{self.name} not ready after {timeout:.0f} s; log:\n{self.log_tail()}"
+                )
             try:
                 line = self.lines.get(timeout=min(left, 0.5))
             except queue.Empty:
@@ -96,9 +98,13 @@ class DaemonProcess:
         deadline = time.monotonic() + timeout
         while needle not in self.log_text():
             if self.proc.poll() is not None:
-                raise DaemonFailed(f"{self.name} exited with {self.proc.returncode}; log:\n{self.log_tail()}")
+                raise DaemonFailed(
+                    f"{self.name} exited with {self.proc.returncode}; log:\n{self.log_tail()}"
+                )
             if time.monotonic() > deadline:
-                raise DaemonFailed(f"{self.name}: no {needle!r} after {timeout:.0f} s; log:\n{self.log_tail()}")
+                raise DaemonFailed(
+                    f"{self.name}: no {needle!r} after {timeout:.0f} s; log:\n{self.log_tail()}"
+                )
             time.sleep(0.2)
 
     def terminate(self, timeout: float = STOP_TIMEOUT) -> int | None:
@@ -121,22 +127,46 @@ class DaemonProcess:
 class DaemonGroup:
     """Owns the daemons it starts; stops every one of them on exit."""
 
-    def __init__(self, root: Path, *, announce_period: float = 2.0, threads: int | None = 1,
-                 cwd: Path | None = None) -> None:
+    def __init__(
+        self,
+        root: Path,
+        *,
+        announce_period: float = 2.0,
+        threads: int | None = 1,
+        cwd: Path | None = None,
+    ) -> None:
         self.root = Path(root)
         self.announce_period = announce_period
         self.threads = threads
         self.cwd = cwd
         self.daemons: list[DaemonProcess] = []
 
-    def spawn(self, name: str, *args: str, command: str = "join", netns: str | None = None,
-              host: str = "127.0.0.1", home: Path | None = None) -> DaemonProcess:
+    def spawn(
+        self,
+        name: str,
+        *args: str,
+        command: str = "join",
+        netns: str | None = None,
+        host: str = "127.0.0.1",
+        home: Path | None = None,
+    ) -> DaemonProcess:
         """Start `peerd <command> ...` with its own home under the group's root."""
         home = home or self.root / name
         home.mkdir(parents=True, exist_ok=True)
         log_path = home / f"{name}-{len(self.daemons)}.log"
-        cmd = [sys.executable, "-m", "cli.main", command, "--home", str(home), "--host", host,
-               "--announce-period", str(self.announce_period), *args]
+        cmd = [
+            sys.executable,
+            "-m",
+            "cli.main",
+            command,
+            "--home",
+            str(home),
+            "--host",
+            host,
+            "--announce-period",
+            str(self.announce_period),
+            *args,
+        ]
         if netns:
             cmd = ["ip", "netns", "exec", netns, *cmd]
         env = dict(os.environ, PYTHONUNBUFFERED="1")
@@ -144,8 +174,15 @@ class DaemonGroup:
         if self.threads is not None:  # many daemons on one small machine: don't oversubscribe
             env.update(OMP_NUM_THREADS=str(self.threads), MKL_NUM_THREADS=str(self.threads))
         with open(log_path, "wb") as log:
-            proc = subprocess.Popen(cmd, cwd=self.cwd or _package_root(), stdout=subprocess.PIPE,
-                                    stderr=log, stdin=subprocess.DEVNULL, env=env, text=True)
+            proc = subprocess.Popen(
+                cmd,
+                cwd=self.cwd or _package_root(),
+                stdout=subprocess.PIPE,
+                stderr=log,
+                stdin=subprocess.DEVNULL,
+                env=env,
+                text=True,
+            )
         daemon = DaemonProcess(name=name, proc=proc, home=home, log_path=log_path)
         threading.Thread(target=_pump, args=(proc, daemon.lines), daemon=True).start()
         self.daemons.append(daemon)

@@ -47,7 +47,9 @@ class ApiError(Exception):
 class LocalAPI:
     """Serves the socket; resolves model references; owns chains per connection."""
 
-    def __init__(self, swarm: SwarmAccess, socket_path: Path, *, max_frame: int = wire.DEFAULT_MAX_FRAME):
+    def __init__(
+        self, swarm: SwarmAccess, socket_path: Path, *, max_frame: int = wire.DEFAULT_MAX_FRAME
+    ):
         self.swarm = swarm
         self.socket_path = Path(socket_path)
         self.max_frame = max_frame
@@ -55,6 +57,7 @@ class LocalAPI:
         self._local_models: dict[str, LocalModel] = {}
         self._paths_by_id: dict[str, Path] = {}
         self._traces: OrderedDict[str, list[TraceEntry]] = OrderedDict()
+        self._training_plans: dict[str, Planning] = {}
         self.listening = trio.Event()
 
     # ----- the socket --------------------------------------------------------------------
@@ -92,13 +95,17 @@ class LocalAPI:
                 try:
                     raw = await channel.read_message()
                 except wire.WireError as exc:  # the framing itself is broken: answer and hang up
-                    await channel.write_message(wire.Error(exc.code, exc.message, exc.details).to_wire())
+                    await channel.write_message(
+                        wire.Error(exc.code, exc.message, exc.details).to_wire()
+                    )
                     return
                 try:
                     request = wire.parse_message(raw)
                     await self._dispatch(request, channel, chains)
                 except wire.WireError as exc:
-                    await channel.write_message(wire.Error(exc.code, exc.message, exc.details).to_wire())
+                    await channel.write_message(
+                        wire.Error(exc.code, exc.message, exc.details).to_wire()
+                    )
                 except (ApiError, ChainError) as exc:
                     await channel.write_message(wire.Error(exc.code, str(exc), {}).to_wire())
                 except ConnectionLost:
@@ -123,22 +130,28 @@ class LocalAPI:
             chain_id = uuid.uuid4().hex
             chains[chain_id] = chain
             reply = api.ChainOpened(
-                chain_id=chain_id, model_id=chain.options.model_id,
-                num_blocks=chain.options.end, route=chain.route,
+                chain_id=chain_id,
+                model_id=chain.options.model_id,
+                num_blocks=chain.options.end,
+                route=chain.route,
             )
             await channel.write_message(reply.to_wire())
         elif isinstance(request, api.ChainStep):
             chain = self._chain(chains, request.chain_id)
             hidden = await chain.step(request.hidden.float())
             reply = api.ChainStepResult(
-                hidden=hidden.to(request.hidden.dtype), route=chain.route,
-                recoveries=len(chain.recoveries), compression=request.compression,
+                hidden=hidden.to(request.hidden.dtype),
+                route=chain.route,
+                recoveries=len(chain.recoveries),
+                compression=request.compression,
             )
             await channel.write_message(reply.to_wire())
         elif isinstance(request, api.CloseChain):
             chain = chains.pop(request.chain_id, None)
             if chain is None:
-                raise ApiError("unknown_session", f"no open chain {request.chain_id!r} on this connection")
+                raise ApiError(
+                    "unknown_session", f"no open chain {request.chain_id!r} on this connection"
+                )
             await chain.aclose()
             await channel.write_message(api.ChainClosed(chain_id=request.chain_id).to_wire())
         elif isinstance(request, api.Generate):
@@ -169,7 +182,9 @@ class LocalAPI:
             mine = [r for r in records if r.model_id == model_id]
             num_blocks = max(max(r.num_blocks, r.end) for r in mine)
             counts = coverage(mine, num_blocks)
-            info.update(num_blocks=num_blocks, coverage=counts, gaps=[list(g) for g in gaps(counts)])
+            info.update(
+                num_blocks=num_blocks, coverage=counts, gaps=[list(g) for g in gaps(counts)]
+            )
         return models
 
     async def resolve(self, model: str) -> tuple[str, int, LocalModel | None]:
@@ -202,13 +217,28 @@ class LocalAPI:
         return model, num_blocks, self._local_models.get(str(path.resolve())) if path else None
 
     # ----- chains ------------------------------------------------------------------------
-    def _options(self, model_id: str, num_blocks: int, max_length: int, *, batch_size: int = 1,
-                 compression: str = "none", allow=None, deny=None, mode: str = "latency") -> ChainOptions:
+    def _options(
+        self,
+        model_id: str,
+        num_blocks: int,
+        max_length: int,
+        *,
+        batch_size: int = 1,
+        compression: str = "none",
+        allow=None,
+        deny=None,
+        mode: str = "latency",
+    ) -> ChainOptions:
         return ChainOptions(
-            model_id=model_id, start=0, end=num_blocks, max_length=max_length,
-            batch_size=batch_size, compression=compression,
+            model_id=model_id,
+            start=0,
+            end=num_blocks,
+            max_length=max_length,
+            batch_size=batch_size,
+            compression=compression,
             allow=frozenset(allow) if allow is not None else None,
-            deny=frozenset(deny or ()), mode=mode,
+            deny=frozenset(deny or ()),
+            mode=mode,
         )
 
     def _planning(self, options: ChainOptions) -> Planning:
@@ -224,8 +254,13 @@ class LocalAPI:
     async def _open_chain(self, request: api.OpenChain) -> InferenceChain:
         model_id, num_blocks, _ = await self.resolve(request.model)
         options = self._options(
-            model_id, num_blocks, request.max_length, batch_size=request.batch_size,
-            compression=request.compression, allow=request.allow, deny=request.deny,
+            model_id,
+            num_blocks,
+            request.max_length,
+            batch_size=request.batch_size,
+            compression=request.compression,
+            allow=request.allow,
+            deny=request.deny,
         )
         chain = InferenceChain(options, self._planning(options), self.swarm.connect)
         try:
@@ -246,22 +281,36 @@ class LocalAPI:
                 "(pass its path as the model)",
             )
         params = SamplingParams(
-            max_new_tokens=request.max_new_tokens, temperature=request.temperature,
-            top_k=request.top_k, top_p=request.top_p, repetition_penalty=request.repetition_penalty,
-            stop=tuple(request.stop), seed=request.seed,
+            max_new_tokens=request.max_new_tokens,
+            temperature=request.temperature,
+            top_k=request.top_k,
+            top_p=request.top_p,
+            repetition_penalty=request.repetition_penalty,
+            stop=tuple(request.stop),
+            seed=request.seed,
         )
         try:
-            ids = request.input_ids if request.input_ids is not None else local.encode(request.prompt or "")
+            ids = (
+                request.input_ids
+                if request.input_ids is not None
+                else local.encode(request.prompt or "")
+            )
         except ValueError as exc:
             raise ApiError("bad_request", str(exc)) from None
         if not ids:
             raise ApiError("bad_request", "the prompt encodes to no tokens")
         vocab = local.parts.config.vocab_size
         if max(ids) >= vocab:
-            raise ApiError("bad_request", f"token id {max(ids)} is outside the vocabulary ({vocab})")
+            raise ApiError(
+                "bad_request", f"token id {max(ids)} is outside the vocabulary ({vocab})"
+            )
         options = self._options(
-            model_id, num_blocks, len(ids) + params.max_new_tokens,
-            compression=request.compression, allow=request.allow, deny=request.deny,
+            model_id,
+            num_blocks,
+            len(ids) + params.max_new_tokens,
+            compression=request.compression,
+            allow=request.allow,
+            deny=request.deny,
         )
         chain = InferenceChain(options, self._planning(options), self.swarm.connect)
         new_ids: list[int] = []
@@ -275,8 +324,10 @@ class LocalAPI:
                 full = local.decode(new_ids)
                 piece = ""
                 if not full.endswith("\ufffd"):  # hold back a character still being spelled
-                    piece, text = full[len(text):], full
-                await channel.write_message(api.GeneratedToken(token_id=new_ids[-1], text=piece).to_wire())
+                    piece, text = full[len(text) :], full
+                await channel.write_message(
+                    api.GeneratedToken(token_id=new_ids[-1], text=piece).to_wire()
+                )
                 if new_ids[-1] in local.eos_token_ids:
                     stop_reason = "eos"
                     break
@@ -289,21 +340,36 @@ class LocalAPI:
                 await chain.aclose()
         text = local.decode(new_ids)
         recoveries = [
-            {"failed_peer": r.failed_peer, "reason": r.reason, "from_block": r.from_block,
-             "replayed_tokens": r.replayed_tokens, "seconds": r.seconds}
+            {
+                "failed_peer": r.failed_peer,
+                "reason": r.reason,
+                "from_block": r.from_block,
+                "replayed_tokens": r.replayed_tokens,
+                "seconds": r.seconds,
+            }
             for r in chain.recoveries
         ]
         done = api.GenerationDone(
-            token_ids=new_ids, text=text, stop_reason=stop_reason, route=route, recoveries=recoveries
+            token_ids=new_ids,
+            text=text,
+            stop_reason=stop_reason,
+            route=route,
+            recoveries=recoveries,
         )
         await channel.write_message(done.to_wire())
 
     # ----- training ----------------------------------------------------------------------
     async def _training_chain(self, model: str, compression: str) -> TrainingChain:
+        """Training requests of a model share one planning state (pings are measured once)."""
         model_id, num_blocks, _ = await self.resolve(model)
         options = self._options(model_id, num_blocks, 1, compression=compression, mode="throughput")
-        planning = self._planning(options)
-        await planning.build()
+        planning = self._training_plans.get(model_id)
+        if planning is None:
+            planning = self._planning(options)
+            await planning.build()
+            self._training_plans[model_id] = planning
+        else:
+            await planning.refresh()
         return TrainingChain(options, planning, self.swarm.connect)
 
     async def _forward(self, request: api.ChainForward) -> api.ChainForwardResult:
@@ -316,7 +382,9 @@ class LocalAPI:
             while len(self._traces) > MAX_TRACES:
                 self._traces.popitem(last=False)
         return api.ChainForwardResult(
-            hidden=output.to(request.hidden.dtype), trace_id=trace_id, compression=request.compression
+            hidden=output.to(request.hidden.dtype),
+            trace_id=trace_id,
+            compression=request.compression,
         )
 
     async def _backward(self, request: api.ChainBackward) -> api.ChainBackwardResult:

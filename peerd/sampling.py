@@ -32,7 +32,9 @@ class SamplingParams:
             raise ValueError("repetition_penalty must be > 0")
 
 
-def apply_repetition_penalty(logits: torch.Tensor, previous: torch.Tensor, penalty: float) -> torch.Tensor:
+def apply_repetition_penalty(
+    logits: torch.Tensor, previous: torch.Tensor, penalty: float
+) -> torch.Tensor:
     """CTRL-style penalty on tokens already present ([B, V] logits, [B, T] previous ids)."""
     if penalty == 1.0 or previous.numel() == 0:
         return logits
@@ -42,7 +44,10 @@ def apply_repetition_penalty(logits: torch.Tensor, previous: torch.Tensor, penal
 
 
 def next_tokens(
-    logits: torch.Tensor, previous: torch.Tensor, params: SamplingParams, generator: torch.Generator | None
+    logits: torch.Tensor,
+    previous: torch.Tensor,
+    params: SamplingParams,
+    generator: torch.Generator | None,
 ) -> torch.Tensor:
     """[B, V] logits of the last position → [B] token ids."""
     logits = apply_repetition_penalty(logits.float(), previous, params.repetition_penalty)
@@ -55,7 +60,9 @@ def next_tokens(
     if params.top_p < 1.0:
         sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
         cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
-        drop = cumulative - sorted_logits.softmax(dim=-1) >= params.top_p  # keep the first token always
+        drop = (
+            cumulative - sorted_logits.softmax(dim=-1) >= params.top_p
+        )  # keep the first token always
         sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
         logits = torch.full_like(logits, float("-inf")).scatter(1, order, sorted_logits)
     probs = logits.softmax(dim=-1)

@@ -65,8 +65,11 @@ class SwarmAccess:
         for peer_id in [p for p, r in self._records.items() if r.expires_at <= now]:
             del self._records[peer_id]
         return sorted(
-            (r for r in self._records.values()
-             if r.is_live(now) and (model_id is None or r.model_id == model_id)),
+            (
+                r
+                for r in self._records.values()
+                if r.is_live(now) and (model_id is None or r.model_id == model_id)
+            ),
             key=lambda r: (r.model_id, r.start, r.end, r.peer_id),
         )
 

@@ -43,7 +43,9 @@ class TrainingChain:
         self.connect = connect
         self.failures = 0
 
-    def _prompts_for(self, prompts: torch.Tensor | None, start: int, end: int) -> torch.Tensor | None:
+    def _prompts_for(
+        self, prompts: torch.Tensor | None, start: int, end: int
+    ) -> torch.Tensor | None:
         if prompts is None:
             return None
         return prompts[start - self.options.start : end - self.options.start]
@@ -71,12 +73,19 @@ class TrainingChain:
     def _ban(self, failure: HopFailed) -> None:
         self.failures += 1
         if self.failures > self.options.max_failures:
-            raise ChainError("no_route", f"giving up after {self.failures} server failures; last: {failure}")
+            raise ChainError(
+                "no_route", f"giving up after {self.failures} server failures; last: {failure}"
+            )
         log.warning("server %s failed (%s); re-routing", failure.peer_id[:12], failure.reason)
         self.planning.ban(failure.peer_id)
 
     async def forward(
-        self, hidden: torch.Tensor, prompts: torch.Tensor | None = None, *, start: int | None = None, end: int | None = None
+        self,
+        hidden: torch.Tensor,
+        prompts: torch.Tensor | None = None,
+        *,
+        start: int | None = None,
+        end: int | None = None,
     ) -> tuple[torch.Tensor, list[TraceEntry]]:
         """Run blocks [start, end) (default the chain's) on full sequences; returns output and trace."""
         start = self.options.start if start is None else start
@@ -88,8 +97,12 @@ class TrainingChain:
         while block < end:
             peer_id, s, e = route[0]
             request = wire.Forward(
-                model_id=self.options.model_id, start=s, end=e, hidden=x,
-                prompts=self._prompts_for(prompts, s, e), compression=self.options.compression,
+                model_id=self.options.model_id,
+                start=s,
+                end=e,
+                hidden=x,
+                prompts=self._prompts_for(prompts, s, e),
+                compression=self.options.compression,
             )
             try:
                 reply = await self._call(peer_id, request)
@@ -118,22 +131,34 @@ class TrainingChain:
         return grad, grad_prompts
 
     async def _backward_span(
-        self, entry: TraceEntry, grad: torch.Tensor, prompts: torch.Tensor | None,
+        self,
+        entry: TraceEntry,
+        grad: torch.Tensor,
+        prompts: torch.Tensor | None,
         grad_prompts: torch.Tensor | None,
     ) -> torch.Tensor:
         request = wire.Backward(
-            model_id=self.options.model_id, start=entry.start, end=entry.end, hidden=entry.inputs,
-            grad_out=grad, prompts=self._prompts_for(prompts, entry.start, entry.end),
+            model_id=self.options.model_id,
+            start=entry.start,
+            end=entry.end,
+            hidden=entry.inputs,
+            grad_out=grad,
+            prompts=self._prompts_for(prompts, entry.start, entry.end),
             compression=self.options.compression,
         )
         try:
             reply = await self._call(entry.peer_id, request)
-            if not isinstance(reply, wire.BackwardResult) or reply.grad_hidden.shape != entry.inputs.shape:
+            if (
+                not isinstance(reply, wire.BackwardResult)
+                or reply.grad_hidden.shape != entry.inputs.shape
+            ):
                 raise HopFailed(entry.peer_id, f"bad backward reply {type(reply).__name__}")
         except HopFailed as failure:
             self._ban(failure)
             # Re-run these blocks on a fresh route: forward for the new split's inputs, then back.
-            _, sub_trace = await self.forward(entry.inputs, prompts, start=entry.start, end=entry.end)
+            _, sub_trace = await self.forward(
+                entry.inputs, prompts, start=entry.start, end=entry.end
+            )
             for sub in reversed(sub_trace):
                 grad = await self._backward_span(sub, grad, prompts, grad_prompts)
             return grad

@@ -33,7 +33,9 @@ NUM_BLOCKS = 6
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    return make_tiny_model(tmp_path_factory.mktemp("chain") / "llama", "llama", num_layers=NUM_BLOCKS)
+    return make_tiny_model(
+        tmp_path_factory.mktemp("chain") / "llama", "llama", num_layers=NUM_BLOCKS
+    )
 
 
 @pytest.fixture(scope="module")
@@ -79,12 +81,20 @@ class CrashingChannel(FramedChannel):
 
 
 class Swarm:
-    def __init__(self, model_dir, intervals: dict[str, tuple[int, int]], nursery: trio.Nursery, throughputs=None):
+    def __init__(
+        self,
+        model_dir,
+        intervals: dict[str, tuple[int, int]],
+        nursery: trio.Nursery,
+        throughputs=None,
+    ):
         self.nursery = nursery
         self.peers: dict[str, FakePeer] = {}
         for name, (a, b) in intervals.items():
             server = BlockServer(Span.load(model_dir, a, b), MODEL_ID, ServerLimits())
-            self.peers[name] = FakePeer(name, server, throughput=(throughputs or {}).get(name, 100.0))
+            self.peers[name] = FakePeer(
+                name, server, throughput=(throughputs or {}).get(name, 100.0)
+            )
         self.connects: list[str] = []
 
     async def source(self):
@@ -96,15 +106,29 @@ class Swarm:
             raise OSError(f"{peer_id} refused the connection")
         self.connects.append(peer_id)
         ours, theirs = trio.testing.memory_stream_pair()
-        handler = peer.server.handle_inference if "inference" in protocol else peer.server.handle_rpc
+        handler = (
+            peer.server.handle_inference if "inference" in protocol else peer.server.handle_rpc
+        )
         self.nursery.start_soon(handler, CrashingChannel(peer, theirs))
         return FramedChannel(TrioByteStream(ours), wire.DEFAULT_MAX_FRAME)
 
     def chain(self, max_length: int, batch_size: int = 1, **kw) -> InferenceChain:
-        options = ChainOptions(model_id=MODEL_ID, start=0, end=NUM_BLOCKS, max_length=max_length,
-                               batch_size=batch_size, recovery_timeout=1.0, **kw)
-        planning = Planning(options=options, source=self.source, probe_rtts=None, bans=BanList(),
-                            clock=trio.current_time)
+        options = ChainOptions(
+            model_id=MODEL_ID,
+            start=0,
+            end=NUM_BLOCKS,
+            max_length=max_length,
+            batch_size=batch_size,
+            recovery_timeout=1.0,
+            **kw,
+        )
+        planning = Planning(
+            options=options,
+            source=self.source,
+            probe_rtts=None,
+            bans=BanList(),
+            clock=trio.current_time,
+        )
         return InferenceChain(options, planning, self.connect)
 
 
@@ -128,7 +152,9 @@ def is_replay(message: dict) -> bool:
     return is_step(message) and message.get("replay") is True
 
 
-def run_steps(model_dir, reference_span, intervals, chunks, *, throughputs=None, setup=None, batch=1):
+def run_steps(
+    model_dir, reference_span, intervals, chunks, *, throughputs=None, setup=None, batch=1
+):
     """Step `chunks` (token counts) of random hidden states through a chain; compare with one forward."""
     torch.manual_seed(0)
     hidden_size = reference_span.config.hidden_size
@@ -153,7 +179,9 @@ def run_steps(model_dir, reference_span, intervals, chunks, *, throughputs=None,
 
 
 def test_chain_without_failures_matches_one_forward(model_dir, reference_span):
-    _, chain = run_steps(model_dir, reference_span, {"a": (0, 3), "b": (3, 6)}, [4, 1, 1, 3, 1], batch=2)
+    _, chain = run_steps(
+        model_dir, reference_span, {"a": (0, 3), "b": (3, 6)}, [4, 1, 1, 3, 1], batch=2
+    )
     assert chain.route == [("a", 0, 3), ("b", 3, 6)]
     assert chain.recoveries == []
 
@@ -163,8 +191,12 @@ def test_failure_mid_generation_replays_to_the_spare(model_dir, reference_span):
         swarm.peers["b1"].crash_when = nth_step(4)
 
     swarm, chain = run_steps(
-        model_dir, reference_span, {"a": (0, 3), "b1": (3, 6), "b2": (3, 6)}, [5, 1, 1, 1, 1, 1],
-        throughputs={"b1": 1000.0}, setup=setup,
+        model_dir,
+        reference_span,
+        {"a": (0, 3), "b1": (3, 6), "b2": (3, 6)},
+        [5, 1, 1, 1, 1, 1],
+        throughputs={"b1": 1000.0},
+        setup=setup,
     )
     assert swarm.peers["b1"].dead
     assert chain.route == [("a", 0, 3), ("b2", 3, 6)]
@@ -176,8 +208,12 @@ def test_failure_at_step_zero(model_dir, reference_span):
         swarm.peers["b1"].crash_when = nth_step(1)
 
     swarm, chain = run_steps(
-        model_dir, reference_span, {"a": (0, 3), "b1": (3, 6), "b2": (3, 6)}, [4, 1, 1],
-        throughputs={"b1": 1000.0}, setup=setup,
+        model_dir,
+        reference_span,
+        {"a": (0, 3), "b1": (3, 6), "b2": (3, 6)},
+        [4, 1, 1],
+        throughputs={"b1": 1000.0},
+        setup=setup,
     )
     assert chain.route[-1][0] == "b2"
     assert chain.recoveries[0].replayed_tokens == 0
@@ -190,9 +226,12 @@ def test_replacement_with_a_different_split(model_dir, reference_span):
         swarm.peers["mid"].crash_when = nth_step(3)
 
     swarm, chain = run_steps(
-        model_dir, reference_span,
-        {"a": (0, 2), "mid": (2, 6), "x": (2, 4), "y": (4, 6)}, [3, 1, 1, 1, 2],
-        throughputs={"mid": 1000.0}, setup=setup,
+        model_dir,
+        reference_span,
+        {"a": (0, 2), "mid": (2, 6), "x": (2, 4), "y": (4, 6)},
+        [3, 1, 1, 1, 2],
+        throughputs={"mid": 1000.0},
+        setup=setup,
     )
     assert chain.route == [("a", 0, 2), ("x", 2, 4), ("y", 4, 6)]
 
@@ -205,8 +244,12 @@ def test_failure_during_the_replay_itself(model_dir, reference_span):
         swarm.peers["b2"].crash_when = is_replay
 
     swarm, chain = run_steps(
-        model_dir, reference_span, {"a": (0, 3), "b1": (3, 6), "b2": (3, 6), "b3": (3, 6)},
-        [4, 1, 1, 1, 1], throughputs={"b1": 1000.0, "b2": 500.0, "b3": 10.0}, setup=setup,
+        model_dir,
+        reference_span,
+        {"a": (0, 3), "b1": (3, 6), "b2": (3, 6), "b3": (3, 6)},
+        [4, 1, 1, 1, 1],
+        throughputs={"b1": 1000.0, "b2": 500.0, "b3": 10.0},
+        setup=setup,
     )
     assert swarm.peers["b1"].dead and swarm.peers["b2"].dead
     assert chain.route == [("a", 0, 3), ("b3", 3, 6)]
@@ -217,8 +260,12 @@ def test_first_span_failure_keeps_later_sessions(model_dir, reference_span):
         swarm.peers["a1"].crash_when = nth_step(3)
 
     swarm, chain = run_steps(
-        model_dir, reference_span, {"a1": (0, 3), "a2": (0, 3), "b": (3, 6)}, [2, 1, 1, 1],
-        throughputs={"a1": 1000.0}, setup=setup,
+        model_dir,
+        reference_span,
+        {"a1": (0, 3), "a2": (0, 3), "b": (3, 6)},
+        [2, 1, 1, 1],
+        throughputs={"a1": 1000.0},
+        setup=setup,
     )
     assert chain.route == [("a2", 0, 3), ("b", 3, 6)]
     assert swarm.connects.count("b") == 1  # b's cache was kept, never re-opened
@@ -243,11 +290,24 @@ def test_training_forward_backward_retries_and_matches_autograd(model_dir, refer
 
     async def main():
         async with trio.open_nursery() as nursery:
-            swarm = Swarm(model_dir, {"a": (0, 3), "b1": (3, 6), "b2": (3, 6)}, nursery, {"b1": 1000.0})
-            options = ChainOptions(model_id=MODEL_ID, start=0, end=NUM_BLOCKS, max_length=1,
-                                   mode="throughput", recovery_timeout=1.0)
-            planning = Planning(options=options, source=swarm.source, probe_rtts=None, bans=BanList(),
-                                clock=trio.current_time)
+            swarm = Swarm(
+                model_dir, {"a": (0, 3), "b1": (3, 6), "b2": (3, 6)}, nursery, {"b1": 1000.0}
+            )
+            options = ChainOptions(
+                model_id=MODEL_ID,
+                start=0,
+                end=NUM_BLOCKS,
+                max_length=1,
+                mode="throughput",
+                recovery_timeout=1.0,
+            )
+            planning = Planning(
+                options=options,
+                source=swarm.source,
+                probe_rtts=None,
+                bans=BanList(),
+                clock=trio.current_time,
+            )
             await planning.build()
             training = TrainingChain(options, planning, swarm.connect)
             out, trace = await training.forward(x)

@@ -35,12 +35,23 @@ PROMPT_IDS = [5, 17, 42, 7, 99, 3]
 @pytest.fixture(scope="module")
 def swarm(tmp_path_factory):
     root = tmp_path_factory.mktemp("e2e")
-    model_dir = make_tiny_model(root / "tiny-llama", "llama", num_layers=NUM_BLOCKS, num_key_value_heads=2)
+    model_dir = make_tiny_model(
+        root / "tiny-llama", "llama", num_layers=NUM_BLOCKS, num_key_value_heads=2
+    )
     with DaemonGroup(root / "homes", announce_period=5.0) as group:
         boot = group.start("boot", "--new-swarm")
         servers = {
-            name: group.spawn(name, str(model_dir), "--blocks", blocks, "--initial-peers", boot.addrs[0],
-                              "--rebalance-period", "0", command="serve")
+            name: group.spawn(
+                name,
+                str(model_dir),
+                "--blocks",
+                blocks,
+                "--initial-peers",
+                boot.addrs[0],
+                "--rebalance-period",
+                "0",
+                command="serve",
+            )
             for name, blocks in SERVERS.items()
         }
         for daemon in servers.values():
@@ -50,19 +61,35 @@ def swarm(tmp_path_factory):
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             models = peer.models()
-            if any(sum(s["state"] == "ONLINE" for s in m["servers"]) == len(SERVERS) for m in models.values()):
+            if any(
+                sum(s["state"] == "ONLINE" for s in m["servers"]) == len(SERVERS)
+                for m in models.values()
+            ):
                 break
             time.sleep(0.5)
         else:
             pytest.fail(f"the bootstrap never saw all servers: {peer.models()}")
-        yield {"root": root, "model": model_dir, "boot": boot, "servers": servers, "peer": peer, "group": group}
+        yield {
+            "root": root,
+            "model": model_dir,
+            "boot": boot,
+            "servers": servers,
+            "peer": peer,
+            "group": group,
+        }
 
 
 def reference_greedy(model_dir, prompt, new_tokens):
     ref = load_reference(model_dir)
-    out = ref.generate(torch.tensor([prompt]), max_new_tokens=new_tokens, do_sample=False,
-                       min_new_tokens=new_tokens, eos_token_id=None, pad_token_id=0)
-    return out[0, len(prompt):].tolist()
+    out = ref.generate(
+        torch.tensor([prompt]),
+        max_new_tokens=new_tokens,
+        do_sample=False,
+        min_new_tokens=new_tokens,
+        eos_token_id=None,
+        pad_token_id=0,
+    )
+    return out[0, len(prompt) :].tolist()
 
 
 def test_socket_is_private(swarm):
@@ -72,10 +99,13 @@ def test_socket_is_private(swarm):
 
 def test_generation_through_three_servers_equals_transformers(swarm):
     peer = swarm["peer"]
-    events = list(peer.generate_events(
-        __import__("wire.local", fromlist=["Generate"]).Generate(
-            model=str(swarm["model"]), input_ids=PROMPT_IDS, max_new_tokens=12)
-    ))
+    events = list(
+        peer.generate_events(
+            __import__("wire.local", fromlist=["Generate"]).Generate(
+                model=str(swarm["model"]), input_ids=PROMPT_IDS, max_new_tokens=12
+            )
+        )
+    )
     done = events[-1]
     assert done.token_ids == reference_greedy(swarm["model"], PROMPT_IDS, 12)
     assert [e.token_id for e in events[:-1]] == done.token_ids  # streamed one by one
@@ -86,8 +116,14 @@ def test_hf_style_model_generate_equals_transformers(swarm):
     model = AutoDistributedModelForCausalLM.from_pretrained(swarm["model"], peer=swarm["peer"])
     prompt = torch.tensor([PROMPT_IDS, PROMPT_IDS[::-1]])
     out = model.generate(prompt, max_new_tokens=6)
-    ref = load_reference(swarm["model"]).generate(prompt, max_new_tokens=6, do_sample=False,
-                                                  min_new_tokens=6, eos_token_id=None, pad_token_id=0)
+    ref = load_reference(swarm["model"]).generate(
+        prompt,
+        max_new_tokens=6,
+        do_sample=False,
+        min_new_tokens=6,
+        eos_token_id=None,
+        pad_token_id=0,
+    )
     assert out.tolist() == ref.tolist()
 
 
@@ -96,8 +132,19 @@ def test_text_generation_and_generate_command(swarm):
     assert isinstance(text, str)
     from cli.main import cli
 
-    result = CliRunner().invoke(cli, ["generate", "--model", str(swarm["model"]), "--socket",
-                                      str(swarm["boot"].socket), "--max-new-tokens", "5", "hello world"])
+    result = CliRunner().invoke(
+        cli,
+        [
+            "generate",
+            "--model",
+            str(swarm["model"]),
+            "--socket",
+            str(swarm["boot"].socket),
+            "--max-new-tokens",
+            "5",
+            "hello world",
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert result.output.strip() == text.strip()
 
@@ -109,7 +156,11 @@ def test_two_scripts_generate_at_once(swarm):
     def script(i: int) -> None:
         from wire.local import Generate
 
-        events = list(swarm["peer"].generate_events(Generate(model=str(swarm["model"]), input_ids=PROMPT_IDS, max_new_tokens=8)))
+        events = list(
+            swarm["peer"].generate_events(
+                Generate(model=str(swarm["model"]), input_ids=PROMPT_IDS, max_new_tokens=8)
+            )
+        )
         results[i] = events[-1].token_ids
 
     threads = [threading.Thread(target=script, args=(i,)) for i in range(2)]
@@ -122,7 +173,11 @@ def test_two_scripts_generate_at_once(swarm):
 
 def test_garbage_on_the_socket_gets_an_error_and_the_daemon_carries_on(swarm):
     path = str(swarm["boot"].socket)
-    for garbage in (struct.pack(">I", 5) + b"\xc1\xc1\xc1\xc1\xc1", b"\xff\xff\xff\xff", struct.pack(">I", 3) + b"\x93\x01\x02"):
+    for garbage in (
+        struct.pack(">I", 5) + b"\xc1\xc1\xc1\xc1\xc1",
+        b"\xff\xff\xff\xff",
+        struct.pack(">I", 3) + b"\x93\x01\x02",
+    ):
         with socket.socket(socket.AF_UNIX) as s:
             s.settimeout(10)
             s.connect(path)
@@ -155,7 +210,7 @@ def test_training_through_the_swarm_matches_local_gradients(swarm):
     prompts.retain_grad()
     blocks = RemoteBlocks(swarm["model"], swarm["peer"])
     out = blocks(x, prompts)
-    loss = (out ** 2).mean()
+    loss = (out**2).mean()
     loss.backward()
     span = Span.load(swarm["model"], 0, NUM_BLOCKS)
     expected = span.forward(x.detach(), prompts=prompts.detach())
@@ -183,7 +238,9 @@ def test_client_library_imports_without_torch(tmp_path):
     )
     code = "import peerd.client as c; p = c.Peer('/nonexistent.sock'); import sys; assert 'torch' not in sys.modules; print('ok')"
     env = dict(os.environ, PYTHONPATH=f"{tmp_path}{os.pathsep}{os.getcwd()}")
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
+    out = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60
+    )
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "ok"
 

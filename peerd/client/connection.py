@@ -38,8 +38,13 @@ def default_socket_path() -> Path:
 class Connection:
     """One socket, one request at a time; replies are parsed and error replies raised."""
 
-    def __init__(self, path: str | os.PathLike | None = None, *, timeout: float = DEFAULT_TIMEOUT,
-                 max_frame: int = wire.DEFAULT_MAX_FRAME) -> None:
+    def __init__(
+        self,
+        path: str | os.PathLike | None = None,
+        *,
+        timeout: float = DEFAULT_TIMEOUT,
+        max_frame: int = wire.DEFAULT_MAX_FRAME,
+    ) -> None:
         self.path = Path(path).expanduser() if path is not None else default_socket_path()
         self.max_frame = max_frame
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -81,7 +86,9 @@ class Connection:
             raise PeerdError("bad_reply", f"expected {expected.TYPE}, got {reply.TYPE}")
         return reply
 
-    def stream(self, message: wire.Message, item: type[wire.Message], last: type[wire.Message]) -> Iterator[wire.Message]:
+    def stream(
+        self, message: wire.Message, item: type[wire.Message], last: type[wire.Message]
+    ) -> Iterator[wire.Message]:
         """Send one request and yield `item` replies and finally the `last` one."""
         self.send(message)
         while True:

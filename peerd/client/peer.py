@@ -1,11 +1,11 @@
 """`Peer`: the synchronous client of a peerd daemon, for any plain script.
 
-    from peerd.client import Peer
-    peer = Peer()                                    # ~/.peerd/peerd.sock or $PEERD_SOCKET
-    for piece in peer.generate("path/to/checkpoint", "Hello", max_new_tokens=20):
-        print(piece, end="", flush=True)
-    with peer.session(model, max_length=64) as s:    # research access to hidden states
-        out = s.step(hidden)                         # torch tensor [batch, tokens, hidden]
+from peerd.client import Peer
+peer = Peer()                                    # ~/.peerd/peerd.sock or $PEERD_SOCKET
+for piece in peer.generate("path/to/checkpoint", "Hello", max_new_tokens=20):
+    print(piece, end="", flush=True)
+with peer.session(model, max_length=64) as s:    # research access to hidden states
+    out = s.step(hidden)                         # torch tensor [batch, tokens, hidden]
 """
 
 from __future__ import annotations
@@ -25,7 +25,9 @@ if TYPE_CHECKING:
 class Peer:
     """A handle on the daemon; each call uses its own connection, so threads may share it."""
 
-    def __init__(self, socket_path: str | os.PathLike | None = None, *, timeout: float = 300.0) -> None:
+    def __init__(
+        self, socket_path: str | os.PathLike | None = None, *, timeout: float = 300.0
+    ) -> None:
         self.socket_path = socket_path
         self.timeout = timeout
 
@@ -63,9 +65,14 @@ class Peer:
             model=str(model),
             prompt=prompt if isinstance(prompt, str) else None,
             input_ids=None if isinstance(prompt, str) else [int(t) for t in prompt],
-            max_new_tokens=max_new_tokens, temperature=float(temperature), top_k=top_k,
-            top_p=float(top_p), repetition_penalty=float(repetition_penalty), stop=list(stop),
-            seed=seed, compression=compression,
+            max_new_tokens=max_new_tokens,
+            temperature=float(temperature),
+            top_k=top_k,
+            top_p=float(top_p),
+            repetition_penalty=float(repetition_penalty),
+            stop=list(stop),
+            seed=seed,
+            compression=compression,
             allow=list(allow) if allow is not None else None,
             deny=list(deny) if deny is not None else None,
         )
@@ -84,31 +91,69 @@ class Peer:
             yield from conn.stream(request, api.GeneratedToken, api.GenerationDone)
 
     def session(
-        self, model: str, max_length: int, *, batch_size: int = 1, compression: str = "none",
-        allow: Sequence[str] | None = None, deny: Sequence[str] | None = None,
+        self,
+        model: str,
+        max_length: int,
+        *,
+        batch_size: int = 1,
+        compression: str = "none",
+        allow: Sequence[str] | None = None,
+        deny: Sequence[str] | None = None,
     ) -> ChainSession:
-        return ChainSession(self, str(model), max_length, batch_size=batch_size, compression=compression,
-                            allow=allow, deny=deny)
+        return ChainSession(
+            self,
+            str(model),
+            max_length,
+            batch_size=batch_size,
+            compression=compression,
+            allow=allow,
+            deny=deny,
+        )
 
-    def forward(self, model: str, hidden: torch.Tensor, prompts: torch.Tensor | None = None, *,
-                compression: str = "none", keep_trace: bool = False) -> tuple[torch.Tensor, str | None]:
+    def forward(
+        self,
+        model: str,
+        hidden: torch.Tensor,
+        prompts: torch.Tensor | None = None,
+        *,
+        compression: str = "none",
+        keep_trace: bool = False,
+    ) -> tuple[torch.Tensor, str | None]:
         """Hidden states through every block of the chain (batched, full sequences)."""
         with self.connect() as conn:
             reply = conn.request(
-                api.ChainForward(model=str(model), hidden=hidden, prompts=prompts,
-                                 compression=compression, keep_trace=keep_trace),
+                api.ChainForward(
+                    model=str(model),
+                    hidden=hidden,
+                    prompts=prompts,
+                    compression=compression,
+                    keep_trace=keep_trace,
+                ),
                 api.ChainForwardResult,
             )
         return reply.hidden, reply.trace_id
 
-    def backward(self, model: str, hidden: torch.Tensor, grad_out: torch.Tensor,
-                 prompts: torch.Tensor | None = None, *, trace_id: str | None = None,
-                 compression: str = "none") -> tuple[torch.Tensor, torch.Tensor | None]:
+    def backward(
+        self,
+        model: str,
+        hidden: torch.Tensor,
+        grad_out: torch.Tensor,
+        prompts: torch.Tensor | None = None,
+        *,
+        trace_id: str | None = None,
+        compression: str = "none",
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Gradients w.r.t. the chain's input hidden states (and deep prompts)."""
         with self.connect() as conn:
             reply = conn.request(
-                api.ChainBackward(model=str(model), hidden=hidden, grad_out=grad_out, prompts=prompts,
-                                  trace_id=trace_id, compression=compression),
+                api.ChainBackward(
+                    model=str(model),
+                    hidden=hidden,
+                    grad_out=grad_out,
+                    prompts=prompts,
+                    trace_id=trace_id,
+                    compression=compression,
+                ),
                 api.ChainBackwardResult,
             )
         return reply.grad_hidden, reply.grad_prompts
@@ -117,10 +162,22 @@ class Peer:
 class ChainSession:
     """An inference chain held open by the daemon: step hidden states through every block."""
 
-    def __init__(self, peer: Peer, model: str, max_length: int, *, batch_size: int = 1,
-                 compression: str = "none", allow=None, deny=None) -> None:
+    def __init__(
+        self,
+        peer: Peer,
+        model: str,
+        max_length: int,
+        *,
+        batch_size: int = 1,
+        compression: str = "none",
+        allow=None,
+        deny=None,
+    ) -> None:
         self._request = api.OpenChain(
-            model=model, max_length=max_length, batch_size=batch_size, compression=compression,
+            model=model,
+            max_length=max_length,
+            batch_size=batch_size,
+            compression=compression,
             allow=list(allow) if allow is not None else None,
             deny=list(deny) if deny is not None else None,
         )
@@ -149,7 +206,9 @@ class ChainSession:
         if self.conn is None:
             raise PeerdError("closed", "the session is not open")
         reply = self.conn.request(
-            api.ChainStep(chain_id=self.chain_id, hidden=hidden, compression=self._request.compression),
+            api.ChainStep(
+                chain_id=self.chain_id, hidden=hidden, compression=self._request.compression
+            ),
             api.ChainStepResult,
         )
         self.route, self.recoveries = list(reply.route), reply.recoveries

@@ -25,11 +25,16 @@ class _ChainFunction(torch.autograd.Function):
     """Forward through the swarm; backward asks the daemon for input (and prompt) gradients."""
 
     @staticmethod
-    def forward(ctx, hidden: torch.Tensor, prompts: torch.Tensor, peer: Peer, model: str, compression: str):
+    def forward(
+        ctx, hidden: torch.Tensor, prompts: torch.Tensor, peer: Peer, model: str, compression: str
+    ):
         has_prompts = prompts.numel() > 0
         out, trace_id = peer.forward(
-            model, hidden.detach(), prompts.detach() if has_prompts else None,
-            compression=compression, keep_trace=True,
+            model,
+            hidden.detach(),
+            prompts.detach() if has_prompts else None,
+            compression=compression,
+            keep_trace=True,
         )
         ctx.save_for_backward(hidden, prompts)
         ctx.peer, ctx.model, ctx.trace_id, ctx.compression = peer, model, trace_id, compression
@@ -40,17 +45,25 @@ class _ChainFunction(torch.autograd.Function):
         hidden, prompts = ctx.saved_tensors
         has_prompts = prompts.numel() > 0
         grad_hidden, grad_prompts = ctx.peer.backward(
-            ctx.model, hidden.detach(), grad_out.contiguous(), prompts.detach() if has_prompts else None,
-            trace_id=ctx.trace_id, compression=ctx.compression,
+            ctx.model,
+            hidden.detach(),
+            grad_out.contiguous(),
+            prompts.detach() if has_prompts else None,
+            trace_id=ctx.trace_id,
+            compression=ctx.compression,
         )
-        grad_p = grad_prompts.to(prompts.dtype) if has_prompts and grad_prompts is not None else None
+        grad_p = (
+            grad_prompts.to(prompts.dtype) if has_prompts and grad_prompts is not None else None
+        )
         return grad_hidden.to(hidden.dtype), grad_p, None, None, None
 
 
 class RemoteBlocks(nn.Module):
     """Every transformer block of `model`, run by the swarm; gradients flow through it."""
 
-    def __init__(self, model: str | os.PathLike, peer: Peer | None = None, *, compression: str = "none"):
+    def __init__(
+        self, model: str | os.PathLike, peer: Peer | None = None, *, compression: str = "none"
+    ):
         super().__init__()
         self.model = str(model)
         self.peer = peer or Peer()
@@ -78,14 +91,20 @@ class AutoDistributedModelForCausalLM(nn.Module):
 
     @classmethod
     def from_pretrained(
-        cls, path: str | os.PathLike, *, peer: Peer | None = None, dtype: torch.dtype = torch.float32,
+        cls,
+        path: str | os.PathLike,
+        *,
+        peer: Peer | None = None,
+        dtype: torch.dtype = torch.float32,
         compression: str = "none",
     ) -> AutoDistributedModelForCausalLM:
         """`path` is an HF-format checkpoint directory readable by this script and the daemon."""
         path = Path(path).expanduser().resolve()
         return cls(path, ClientParts.load(path, dtype=dtype), peer or Peer(), compression)
 
-    def forward(self, input_ids: torch.Tensor, prompts: torch.Tensor | None = None) -> CausalLMOutput:
+    def forward(
+        self, input_ids: torch.Tensor, prompts: torch.Tensor | None = None
+    ) -> CausalLMOutput:
         hidden = self.parts.embed(input_ids)
         return CausalLMOutput(logits=self.parts.logits(self.blocks(hidden, prompts)))
 
@@ -105,15 +124,21 @@ class AutoDistributedModelForCausalLM(nn.Module):
     ) -> torch.Tensor:
         """Prompt ids [B, T] → [B, T + new] ids, transformers' `generate` semantics (no padding)."""
         params = SamplingParams(
-            max_new_tokens=max_new_tokens, temperature=temperature if do_sample else 0.0,
-            top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty, seed=seed,
+            max_new_tokens=max_new_tokens,
+            temperature=temperature if do_sample else 0.0,
+            top_k=top_k,
+            top_p=top_p,
+            repetition_penalty=repetition_penalty,
+            seed=seed,
         )
         params.validate()
         generator = torch.Generator().manual_seed(seed) if seed is not None else None
         ids = input_ids
         batch = ids.shape[0]
         finished = torch.zeros(batch, dtype=torch.bool)
-        with self.peer.session(self.path, ids.shape[1] + max_new_tokens, batch_size=batch) as session:
+        with self.peer.session(
+            self.path, ids.shape[1] + max_new_tokens, batch_size=batch
+        ) as session:
             hidden = self.parts.embed(ids)
             for _ in range(max_new_tokens):
                 out = session.step(hidden.float())

@@ -44,7 +44,9 @@ def _short(peer_id: str) -> str:
     return "…" + peer_id[-6:]
 
 
-def run_demo(workdir: Path, *, new_tokens: int = 24, kill_after: int = 8, echo: Callable[[str], None] = print) -> bool:
+def run_demo(
+    workdir: Path, *, new_tokens: int = 24, kill_after: int = 8, echo: Callable[[str], None] = print
+) -> bool:
     """Run the whole demo in `workdir`; True when the output survived the failure unchanged."""
     workdir = Path(workdir)
     began = time.monotonic()
@@ -62,11 +64,20 @@ def run_demo(workdir: Path, *, new_tokens: int = 24, kill_after: int = 8, echo: 
         boot = group.start("bootstrap", "--new-swarm")
         echo(f"   bootstrap {_short(boot.peer_id)} at {boot.addrs[0]}")
         servers = {
-            name: group.spawn(name, str(model_dir), "--blocks", blocks, "--initial-peers", boot.addrs[0],
-                              "--rebalance-period", "0", command="serve")
+            name: group.spawn(
+                name,
+                str(model_dir),
+                "--blocks",
+                blocks,
+                "--initial-peers",
+                boot.addrs[0],
+                "--rebalance-period",
+                "0",
+                command="serve",
+            )
             for name, blocks in SERVERS
         }
-        for (name, blocks), daemon in zip(SERVERS, servers.values()):
+        for (name, blocks), daemon in zip(SERVERS, servers.values(), strict=False):
             daemon.wait_ready()
             daemon.wait_log("online: blocks")
             a, b = (int(x) for x in blocks.split(":"))
@@ -80,28 +91,41 @@ def run_demo(workdir: Path, *, new_tokens: int = 24, kill_after: int = 8, echo: 
         generated: list[int] = []
         killed = None
         with peer.session(model_dir, len(input_ids) + new_tokens) as session:
-            echo("   route: " + "  →  ".join(f"{by_peer.get(p, p)}[{a}..{b - 1}]" for p, a, b in session.route))
+            echo(
+                "   route: "
+                + "  →  ".join(f"{by_peer.get(p, p)}[{a}..{b - 1}]" for p, a, b in session.route)
+            )
             hidden = parts.embed(ids)
             for step in range(new_tokens):
                 if step == kill_after:
                     victim = session.route[-1][0]
                     killed = by_peer[victim]
                     servers[killed].kill()
-                    echo(f"\n   ✗ killed {killed} ({_short(victim)}) with SIGKILL after {step} tokens")
+                    echo(
+                        f"\n   ✗ killed {killed} ({_short(victim)}) with SIGKILL after {step} tokens"
+                    )
                 t0 = time.monotonic()
                 out = session.step(hidden)
                 token = int(parts.logits(out[:, -1:])[0, -1].argmax())
                 generated.append(token)
                 if step == kill_after:
-                    echo(f"   ✓ recovered in {time.monotonic() - t0:.2f} s; route now: "
-                         + "  →  ".join(f"{by_peer.get(p, p)}[{a}..{b - 1}]" for p, a, b in session.route))
-                hidden = parts.embed(torch.tensor([[token]]), past_length=len(input_ids) + len(generated) - 1)
+                    echo(
+                        f"   ✓ recovered in {time.monotonic() - t0:.2f} s; route now: "
+                        + "  →  ".join(
+                            f"{by_peer.get(p, p)}[{a}..{b - 1}]" for p, a, b in session.route
+                        )
+                    )
+                hidden = parts.embed(
+                    torch.tensor([[token]]), past_length=len(input_ids) + len(generated) - 1
+                )
         text = tokenizer.decode(generated)
         echo(f"   swarm output:     {text!r}")
         echo(f"   single process:   {tokenizer.decode(reference)!r}")
         same = generated == reference
-        echo(f"4. {'Identical' if same else 'DIFFERENT'} token ids with and without the failure "
-             f"({len(generated)} tokens; {killed} was killed mid-generation)")
+        echo(
+            f"4. {'Identical' if same else 'DIFFERENT'} token ids with and without the failure "
+            f"({len(generated)} tokens; {killed} was killed mid-generation)"
+        )
         echo("5. Stopping every process the demo started")
     echo(f"Done in {time.monotonic() - began:.0f} s.")
     return same
@@ -111,7 +135,10 @@ def _wait_for_coverage(peer: Peer, servers: int, timeout: float = 60.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         models = peer.models()
-        if any(len([s for s in m["servers"] if s["state"] == "ONLINE"]) >= servers for m in models.values()):
+        if any(
+            len([s for s in m["servers"] if s["state"] == "ONLINE"]) >= servers
+            for m in models.values()
+        ):
             return
         time.sleep(0.5)
     raise RuntimeError(f"the bootstrap did not see {servers} servers online within {timeout:.0f} s")

@@ -74,17 +74,19 @@ class TinyLlama:
         out = {"model.embed_tokens.weight": torch.randn(self.vocab_size, h, generator=g)}
         for i in range(self.num_layers):
             p = f"model.layers.{i}."
-            out.update({
-                p + "input_layernorm.weight": norm(),
-                p + "self_attn.q_proj.weight": w(h, h),
-                p + "self_attn.k_proj.weight": w(kv, h),
-                p + "self_attn.v_proj.weight": w(kv, h),
-                p + "self_attn.o_proj.weight": w(h, h),
-                p + "post_attention_layernorm.weight": norm(),
-                p + "mlp.gate_proj.weight": w(f, h),
-                p + "mlp.up_proj.weight": w(f, h),
-                p + "mlp.down_proj.weight": w(h, f),
-            })
+            out.update(
+                {
+                    p + "input_layernorm.weight": norm(),
+                    p + "self_attn.q_proj.weight": w(h, h),
+                    p + "self_attn.k_proj.weight": w(kv, h),
+                    p + "self_attn.v_proj.weight": w(kv, h),
+                    p + "self_attn.o_proj.weight": w(h, h),
+                    p + "post_attention_layernorm.weight": norm(),
+                    p + "mlp.gate_proj.weight": w(f, h),
+                    p + "mlp.up_proj.weight": w(f, h),
+                    p + "mlp.down_proj.weight": w(h, f),
+                }
+            )
         out["model.norm.weight"] = norm()
         out["lm_head.weight"] = w(self.vocab_size, h)
         return {k: v.contiguous() for k, v in out.items()}
@@ -97,8 +99,10 @@ def write_tokenizer(path: Path, vocab_size: int) -> Path:
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=SPECIAL,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
     )
     tok.train_from_iterator(CORPUS, trainer=trainer)
     out = path / "tokenizer.json"

@@ -17,7 +17,7 @@ import torch
 import trio
 
 import wire
-from blocks import BlocksError, BlockRangeError, InputError, KVCache, Span
+from blocks import BlockRangeError, BlocksError, InputError, KVCache, Span
 from peerd.framed import ConnectionLost, FramedChannel
 from peerd.server.limits import CacheBudget, RequestRefused, ServerLimits, budget_tokens
 from peerd.server.priority import INFERENCE, TRAINING, ComputeQueue
@@ -96,7 +96,9 @@ class BlockServer:
 
     def _to_compute(self, tensor: torch.Tensor) -> torch.Tensor:
         if not tensor.is_floating_point():
-            raise RequestRefused("bad_request", f"expected floating-point tensor, got {tensor.dtype}")
+            raise RequestRefused(
+                "bad_request", f"expected floating-point tensor, got {tensor.dtype}"
+            )
         return tensor.to(device=self.span.device, dtype=self.span.dtype)
 
     async def _compute(self, priority: int, fn: Callable[[], torch.Tensor]):
@@ -113,7 +115,9 @@ class BlockServer:
 
     @staticmethod
     async def _reply_error(channel: FramedChannel, code: str, message: str, details: dict) -> None:
-        await channel.write_message(wire.Error(code=code, message=message, details=details).to_wire())
+        await channel.write_message(
+            wire.Error(code=code, message=message, details=details).to_wire()
+        )
 
     # ----- inference sessions ---------------------------------------------------------
     async def handle_inference(self, channel: FramedChannel) -> None:
@@ -133,7 +137,9 @@ class BlockServer:
                     message = wire.parse_message(raw)
                     if isinstance(message, wire.OpenSession):
                         if session is not None:
-                            raise RequestRefused("bad_request", "session already open on this stream")
+                            raise RequestRefused(
+                                "bad_request", "session already open on this stream"
+                            )
                         session = self._open_session(message)
                         await channel.write_message(
                             wire.SessionOpened(
@@ -145,7 +151,9 @@ class BlockServer:
                         )
                     elif isinstance(message, wire.Step):
                         if session is None:
-                            raise RequestRefused("unknown_session", "step before the session was opened")
+                            raise RequestRefused(
+                                "unknown_session", "step before the session was opened"
+                            )
                         result = await self._step(session, message)
                         await channel.write_message(result.to_wire())
                     elif isinstance(message, wire.CloseSession):
@@ -154,7 +162,8 @@ class BlockServer:
                         await channel.write_message(wire.Pong(nonce=message.nonce).to_wire())
                     else:
                         raise RequestRefused(
-                            "bad_request", f"{type(message).__name__} is not valid in an inference session"
+                            "bad_request",
+                            f"{type(message).__name__} is not valid in an inference session",
                         )
                 except RequestRefused as exc:
                     await self._reply_error(channel, exc.code, exc.message, exc.details)
@@ -178,7 +187,8 @@ class BlockServer:
         start, end = self._check_interval(message.start, message.end)
         if len(self.sessions) >= self.limits.max_sessions:
             raise RequestRefused(
-                "busy", f"server busy: {len(self.sessions)} sessions open, the limit is {self.limits.max_sessions}"
+                "busy",
+                f"server busy: {len(self.sessions)} sessions open, the limit is {self.limits.max_sessions}",
             )
         if message.batch_size < 1 or message.max_length < 1:
             raise RequestRefused("bad_request", "batch_size and max_length must be positive")
@@ -200,7 +210,11 @@ class BlockServer:
         self.sessions[id(state)] = state  # keyed by object: client-chosen ids may collide
         log.info(
             "session %s opened: blocks %d:%d, batch %d, max length %d",
-            session_id[:8], start, end, message.batch_size, message.max_length,
+            session_id[:8],
+            start,
+            end,
+            message.batch_size,
+            message.max_length,
         )
         return state
 
@@ -230,7 +244,8 @@ class BlockServer:
         self._check_tokens(hidden)
         if hidden.shape[0] != cache.batch_size:
             raise RequestRefused(
-                "bad_request", f"session batch size is {cache.batch_size}, step has {hidden.shape[0]}"
+                "bad_request",
+                f"session batch size is {cache.batch_size}, step has {hidden.shape[0]}",
             )
         if cache.length + hidden.shape[1] > cache.max_length:
             raise RequestRefused(
@@ -284,7 +299,9 @@ class BlockServer:
             return await self._forward(message)
         if isinstance(message, wire.Backward):
             return await self._backward(message)
-        raise RequestRefused("bad_request", f"{type(message).__name__} is not a request this protocol serves")
+        raise RequestRefused(
+            "bad_request", f"{type(message).__name__} is not a request this protocol serves"
+        )
 
     async def _forward(self, message: wire.Forward) -> wire.ForwardResult:
         self._check_model(message.model_id)
@@ -322,7 +339,9 @@ class BlockServer:
         self.requests_served += 1
         return wire.BackwardResult(
             grad_hidden=grad_hidden.to(device="cpu", dtype=out_dtype),
-            grad_prompts=None if grad_prompts is None else grad_prompts.to(device="cpu", dtype=out_dtype),
+            grad_prompts=None
+            if grad_prompts is None
+            else grad_prompts.to(device="cpu", dtype=out_dtype),
             compression=message.compression,
         )
 
