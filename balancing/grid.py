@@ -57,7 +57,7 @@ def best_start(base: np.ndarray, size: int, step: int, current: int | None = Non
     """
     options = np.sort(base[None, :] + step * window_masks(len(base), size), axis=1)
     candidates = np.arange(options.shape[0])
-    for column in range(options.shape[1]):
+    for column in range(options.shape[1]):  # the smallest values first: leximin order
         values = options[candidates, column]
         candidates = candidates[values == values.max()]
         if candidates.size == 1:

@@ -8,7 +8,10 @@ gains more than `min_gain` (relative swarm throughput), in one of two ways, chec
    path from here (below) would not do as well: then the server moves to its own place in
    the plan. The plan depends only on the set of servers, so all of them head for the same
    placement, and once they are there nobody re-plans again until servers come or go. A
-   re-planning move never opens a gap (it is skipped while it would leave a block unserved).
+   re-planning move that would leave blocks unserved (the mover is their only server) waits
+   unless the plan gains more than `gap_gain` (default 50%): servers whose targets form a
+   cycle (each sole holder of blocks the next one should take) can only get there through
+   a short gap, which the others then close at once.
 2. Greedy. The server leaves in its mind and re-chooses among the others (choose.py's rule).
    The new place must be strictly better in leximin order than staying, which can never
    lower the bottleneck or open a gap (a block only this server covers would drop to 0, the
@@ -32,6 +35,9 @@ from balancing.swarm import Span, SwarmEntry, ordered
 DEFAULT_MIN_GAIN = 0.1
 # Rounds of greedy moves when simulating how a swarm settles.
 DEFAULT_LOOKAHEAD_ROUNDS = 8
+# A re-planning move that leaves blocks unserved for a while (the mover was their only
+# server) is made only when the plan beats the current swarm by this much.
+DEFAULT_GAP_GAIN = 0.5
 
 
 def should_move(
@@ -40,6 +46,7 @@ def should_move(
     me: Span,
     min_gain: float = DEFAULT_MIN_GAIN,
     lookahead_rounds: int = DEFAULT_LOOKAHEAD_ROUNDS,
+    gap_gain: float = DEFAULT_GAP_GAIN,
 ) -> tuple[bool, tuple[int, int]]:
     """(True, new interval) when `me` should move, else (False, its current interval).
 
@@ -67,7 +74,8 @@ def should_move(
     if bottleneck_gain(now, planned, min_gain) and planned.min() > settled.min():
         target = _planned_start(plan, mine)
         after = base + step * masks[target]
-        if target != mine.start and not (now.min() > 0 and after.min() == 0):
+        opens_gap = now.min() > 0 and after.min() == 0
+        if target != mine.start and (not opens_gap or bottleneck_gain(now, planned, gap_gain)):
             return True, (target, target + mine.num_blocks)
         return False, current
     if greedy and bottleneck_gain(now, settled, min_gain):

@@ -111,6 +111,28 @@ def test_sole_holder_does_not_leave_a_gap() -> None:
     assert swarm_throughput(20, final) > swarm_throughput(20, swarm)
 
 
+def test_a_cycle_of_sole_holders_moves_only_for_a_large_gain() -> None:
+    # s002, s003 and s004 should each take over blocks only the next one serves: any first
+    # move opens a gap. The plan is 73% better, so with the default gap_gain (50%) one moves,
+    # the others close the gap, and the swarm gets there; with a higher bar nobody moves.
+    swarm = [
+        E("s005", 0, 6, 8.86),
+        E("s008", 6, 15, 4.05),
+        E("s002", 13, 20, 1.43),
+        E("s003", 20, 35, 2.95),
+        E("s004", 35, 45, 3.85),
+        E("s000", 40, 45, 1.97),
+        E("s006", 40, 80, 1.36),
+        E("s009", 45, 57, 1.59),
+        E("s007", 64, 75, 1.19),
+        E("s001", 72, 80, 1.0),
+    ]
+    assert swarm_throughput(80, swarm) == pytest.approx(1.36)
+    assert not any(should_move(80, swarm, me, gap_gain=1.0)[0] for me in swarm)
+    final = _rebalance(80, swarm, random.Random(0))
+    assert swarm_throughput(80, final) == pytest.approx(2.36)
+
+
 def test_no_oscillation_over_many_rounds() -> None:
     rng = random.Random(11)
     for _ in range(15):
