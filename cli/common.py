@@ -117,6 +117,8 @@ def node_config(opts: dict[str, Any]) -> NodeConfig:
             "there is no swarm to join. Pass --initial-peers MULTIADDR (any running peer prints "
             "its addresses at start), or --new-swarm to start a new private swarm."
         )
+    for addr in initial:
+        check_peer_addr(addr)
     try:
         return NodeConfig(
             home=opts["home"],
@@ -134,6 +136,22 @@ def node_config(opts: dict[str, Any]) -> NodeConfig:
         raise click.UsageError(str(exc)) from None
 
 
+def check_peer_addr(text: str) -> None:
+    """A usage error unless `text` is a multiaddr ending in /p2p/<peer id>."""
+    import multiaddr
+
+    try:
+        addr = multiaddr.Multiaddr(text)
+        ok = addr.get_peer_id() is not None
+    except Exception:
+        ok = False
+    if not ok:
+        raise click.UsageError(
+            f"--initial-peers {text!r} is not a peer address: expected a multiaddr ending in "
+            "/p2p/<peer id>, such as /ip4/203.0.113.5/tcp/31337/p2p/12D3KooW..."
+        )
+
+
 def run_node(
     node: Node, log_level: str, main: Callable[[Node], Awaitable[None]] | None = None
 ) -> None:
@@ -141,6 +159,7 @@ def run_node(
 
     `main(node)`, when given, runs once the node is ready (in the node's owner nursery).
     """
+    import logging
     import signal
 
     import trio
@@ -157,8 +176,6 @@ def run_node(
                 if main is not None:
                     nursery.start_soon(main, node)
                 async for signum in signals:
-                    import logging
-
                     logging.getLogger("peerd").info("received %s", signal.Signals(signum).name)
                     await node.shutdown()
                     nursery.cancel_scope.cancel()

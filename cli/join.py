@@ -32,9 +32,10 @@ def join(test_record: str | None, socket_path: Path | None, **opts: Any) -> None
     and takes relay reservations when it is not. Scripts on this machine use the swarm
     through its local socket (peerd generate, peerd status, the peerd.client library).
     """
+    config = node_config(opts)  # bad options fail fast, before the heavy imports
     from peerd.daemon import Daemon
 
-    daemon = Daemon(node_config(opts), socket_path=socket_path)
+    daemon = Daemon(config, socket_path=socket_path)
     node = daemon.node
     if test_record:
         node.set_record_provider(_fake_record_provider(node, test_record))

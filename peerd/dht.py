@@ -10,9 +10,16 @@ Key layout (all keys private to peerd by the strict `/peerd/` validator):
 
 Providers have no TTL we can set and come back duplicated, so a listing de-duplicates them and
 keeps a server only if its record is present, valid and unexpired: a killed server vanishes as
-soon as its record expires (two announce periods). py-libp2p's `get_value` and
-`find_providers` answer from local caches first without revalidating; `get_record` and
-`find_providers` here always ask the network and re-check what comes back.
+soon as its record expires (two announce periods).
+
+Reads walk the DHT themselves (`_walk`): py-libp2p's `get_value` and `find_providers` answer
+from local caches first without revalidating (and `get_value` caches what it found for 24 h),
+and `get_value` runs a full FIND_NODE lookup before asking for the value. The walk starts from
+the closest peers in our routing table and follows the closer peers each GET_VALUE or
+GET_PROVIDERS answer names, so it asks the network every time, in about half the messages.
+It uses the two single-peer queries of py-libp2p 0.8.1, which are private
+(`_get_from_peer`, `_get_providers_from_peer_with_closers`): this module is the place to
+adapt if they move.
 """
 
 from __future__ import annotations
@@ -20,12 +27,14 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Awaitable, Callable, Iterable
 
 import trio
 from libp2p.abc import IHost
 from libp2p.kad_dht import DHTMode, KadDHT
+from libp2p.kad_dht.common import ALPHA, BUCKET_SIZE
 from libp2p.kad_dht.common import PROTOCOL_ID as KAD_PROTOCOL_ID
+from libp2p.kad_dht.utils import sort_peer_ids_by_distance
 from libp2p.peer.id import ID
 from libp2p.records.pubkey import PublicKeyValidator
 from libp2p.records.validator import NamespacedValidator
@@ -134,27 +143,26 @@ class SwarmDHT:
     async def get_record(
         self, peer_id: str, *, timeout: float = LOOKUP_TIMEOUT
     ) -> ServerRecord | None:
-        """The freshest valid record of `peer_id` in the swarm, or None.
-
-        The local copy is taken out before asking the network (else `get_value` would answer
-        from it) and put back if the network has nothing better.
-        """
+        """The freshest valid record of `peer_id` in the swarm (our copy included), or None."""
         key = server_key(peer_id)
         key_bytes = key.encode()
+        values: list[bytes] = []
         local = self.kad.value_store.get(key_bytes)
         if local is not None:
-            self.kad.value_store.remove(key_bytes)
-        network: bytes | None = None
-        try:
-            with trio.move_on_after(timeout):
-                network = await self.kad.get_value(key)
-        finally:
-            if local is not None and not self.kad.value_store.has(key_bytes):
-                self.kad.value_store.put_record(key_bytes, local)
-        candidates = [v for v in (network, local.value if local is not None else None) if v]
-        if not candidates:
+            values.append(local.value)
+
+        async def ask(peer: ID) -> list[ID]:
+            record, closer = await self.kad.value_store._get_from_peer(
+                peer, key_bytes, return_record=True, return_closer_peers=True
+            )
+            if record is not None and record.value:
+                values.append(record.value)
+            return closer
+
+        await self._walk(key_bytes, ask, timeout=timeout)
+        if not values:
             return None
-        best = candidates[self.validator.select(key, candidates)]
+        best = values[self.validator.select(key, values)]
         try:
             return verify_record(best, key=key)
         except InvalidRecord as exc:
@@ -171,24 +179,56 @@ class SwarmDHT:
                     nursery.start_soon(self.kad.provider_store.provide, key)
 
     async def find_providers(self, key: bytes) -> set[str]:
-        """Peer ids that provide `key`: our own store plus every peer closest to the key."""
+        """Peer ids that provide `key`: our own store plus what the peers closest to it hold."""
         store = self.kad.provider_store
         found = {str(p.peer_id) for p in store.get_providers(key)}
-        with trio.move_on_after(LOOKUP_TIMEOUT):
-            closest = await self.kad.peer_routing.find_closest_peers_network(key)
 
-            async def ask(peer: ID) -> None:
-                with trio.move_on_after(QUERY_TIMEOUT):
-                    # No public single-peer query in 0.8.1; find_providers() returns the local
-                    # cache alone as soon as it holds anything.
-                    providers, _ = await store._get_providers_from_peer_with_closers(peer, key)
-                    found.update(str(p.peer_id) for p in providers)
+        async def ask(peer: ID) -> list[ID]:
+            providers, closer = await store._get_providers_from_peer_with_closers(peer, key)
+            found.update(str(p.peer_id) for p in providers)
+            return closer
 
-            async with trio.open_nursery() as nursery:
-                for peer in closest:
-                    if peer != self.host.get_id():
-                        nursery.start_soon(ask, peer)
+        await self._walk(key, ask)
         return found
+
+    async def _walk(
+        self,
+        key: bytes,
+        ask: Callable[[ID], Awaitable[list[ID]]],
+        *,
+        timeout: float = LOOKUP_TIMEOUT,
+    ) -> None:
+        """Ask the closest peers to `key` we know, then the closer ones they name, until the
+        BUCKET_SIZE closest known have all been asked (ALPHA at a time)."""
+        me = self.host.get_id()
+        candidates = [
+            p for p in self.kad.routing_table.find_local_closest_peers(key, BUCKET_SIZE) if p != me
+        ]
+        if len(candidates) < BUCKET_SIZE:
+            kad = str(KAD_PROTOCOL_ID)
+            connected = [p for p in self.host.get_connected_peers() if kad in self._protocols(p)]
+            candidates = list(dict.fromkeys(candidates + connected))
+        asked: set[ID] = set()
+        with trio.move_on_after(timeout):
+            while True:
+                candidates = sort_peer_ids_by_distance(key, candidates)[:BUCKET_SIZE]
+                batch = [p for p in candidates if p not in asked][:ALPHA]
+                if not batch:
+                    return
+                learned: list[ID] = []
+
+                async def one(peer: ID, learned: list[ID] = learned) -> None:
+                    with trio.move_on_after(QUERY_TIMEOUT):
+                        try:
+                            learned.extend(await ask(peer))
+                        except Exception as exc:
+                            log.debug("DHT query to %s failed: %r", peer, exc)
+
+                async with trio.open_nursery() as nursery:
+                    for peer in batch:
+                        asked.add(peer)
+                        nursery.start_soon(one, peer)
+                candidates = list(dict.fromkeys(candidates + [p for p in learned if p != me]))
 
     async def list_servers(
         self,

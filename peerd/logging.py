@@ -33,6 +33,8 @@ def quiet_libp2p(level: str = "CRITICAL") -> None:
     """Mute py-libp2p below `level`, unless LIBP2P_DEBUG asks for its own logging."""
     if os.environ.get("LIBP2P_DEBUG"):
         return
+    import libp2p  # noqa: F401  (its import configures its loggers: let it happen first)
+
     for name in ("libp2p", "multiaddr", "async_service"):
         logger = logging.getLogger(name)
         logger.setLevel(level.upper())

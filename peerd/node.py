@@ -99,7 +99,6 @@ class Node:
         self._addr_cache: dict[str, tuple[str, ...]] = {}
         self._last_seq = 0
         self._last_announced: tuple | None = None
-        self._announces = 0
         self._wake_announcer = trio.Event()
         self._stop = trio.Event()
         self._stopped = trio.Event()
@@ -314,11 +313,9 @@ class Node:
             expires_at=now + ttl,
         )
         value = sign_record(record, self.key_pair)
-        dht = self._dht()
-        stored = await dht.put_record(value, timeout=max(self.config.announce_period, 5.0))
-        if self._announces % self.config.provide_every == 0 or self._model_changed(record):
-            await dht.provide(record.model_id, self.peer_id)
-        self._announces += 1
+        # bounded by one period: a slow put must not delay the next announcement, or the
+        # record (which lives two periods) could expire while we are alive
+        stored = await self._dht().put_record(value, timeout=max(self.config.announce_period, 1.0))
         summary = (record.model_id, record.start, record.end, record.state, record.addrs)
         if summary != self._last_announced:
             log.info(
@@ -333,15 +330,32 @@ class Node:
             self._last_announced = summary
         return record
 
-    def _model_changed(self, record: ServerRecord) -> bool:
-        return self._last_announced is None or self._last_announced[0] != record.model_id
-
     async def _announce_loop(self) -> None:
-        while True:
-            self._wake_announcer = trio.Event()
-            await self.announce()
-            with trio.move_on_after(self.config.announce_period):
-                await self._wake_announcer.wait()
+        """Announce every period (measured from the start of the previous announcement) and
+        re-provide now and then in a task of its own."""
+        provided_model: str | None = None
+        providing = trio.Lock()
+
+        async def provide(model_id: str) -> None:
+            if providing.locked():
+                return
+            async with providing:
+                await self._dht().provide(model_id, self.peer_id)
+
+        async with trio.open_nursery() as nursery:
+            rounds = 0
+            while True:
+                started = trio.current_time()
+                self._wake_announcer = trio.Event()
+                record = await self.announce()
+                if record is not None and (
+                    record.model_id != provided_model or rounds % self.config.provide_every == 0
+                ):
+                    provided_model = record.model_id
+                    nursery.start_soon(provide, record.model_id)
+                rounds += 1
+                with trio.move_on_at(started + self.config.announce_period):
+                    await self._wake_announcer.wait()
 
     # ---- start-up steps ----
 
@@ -449,27 +463,44 @@ class Node:
     # ---- helpers ----
 
     async def _connect(self, pid: ID, addrs: list[str]) -> None:
+        """Dial directly, else through a relay; on failure look the peer's record up afresh
+        (it may have restarted on another port or moved to other relays) and try once more."""
         peer_id = str(pid)
-        host = self._host()
         known = addrs + list(self._addr_cache.get(peer_id, ()))
-        if not known and not _peerstore_addrs(host, pid):
-            record = await self.get_record(peer_id)
-            known = list(record.addrs) if record else []
-        if await self._try_direct(pid, [a for a in known if not is_relayed(a)]):
-            return
-        relayed = [a for a in known if is_relayed(a)]
-        if not relayed and peer_id not in self._addr_cache:
-            record = await self.get_record(peer_id)
-            relayed = [a for a in (record.addrs if record else ()) if is_relayed(a)]
-        if relayed and self.relay is not None and await self.relay.dial(pid, relayed):
-            return
-        raise PeerUnreachable(f"cannot reach {peer_id}: no direct or relayed address answered")
+        fresh = False
+        if not known and not _peerstore_addrs(self._host(), pid):
+            known, fresh = await self._record_addrs(peer_id), True
+        while True:
+            if await self._try_direct(pid, [a for a in known if not is_relayed(a)]):
+                return
+            relayed = [a for a in known if is_relayed(a)]
+            if relayed and self.relay is not None and await self.relay.dial(pid, relayed):
+                return
+            if fresh:
+                raise PeerUnreachable(
+                    f"cannot reach {peer_id}: no direct or relayed address answered"
+                )
+            known, fresh = await self._record_addrs(peer_id), True
+
+    async def _record_addrs(self, peer_id: str) -> list[str]:
+        record = await self.get_record(peer_id)
+        return list(record.addrs) if record is not None else []
 
     async def _try_direct(self, pid: ID, addrs: list[str]) -> bool:
         host = self._host()
         maddrs = [multiaddr.Multiaddr(a.split("/p2p/")[0]) for a in addrs]
         if not maddrs and not [a for a in _peerstore_addrs(host, pid) if not is_relayed(a)]:
             return False
+        # After a failed dial py-libp2p refuses to dial that peer again for 60 s (a private
+        # negative cache); a peer that restarted would look dead for a minute. An explicit
+        # open_stream is worth one real attempt.
+        negative_cache = getattr(host.get_network(), "_negative_peer_cache", None)
+        if negative_cache is not None:
+            negative_cache.evict(str(pid))
+        if maddrs:
+            # the swarm dials one address per transport, in peerstore order: a stale address
+            # (the peer restarted on another port) would be the only one tried
+            host.get_peerstore().clear_addrs(pid)
         with trio.move_on_after(self.config.dial_timeout):
             try:
                 await host.connect(PeerInfo(pid, maddrs))

@@ -54,7 +54,9 @@ class ServerRecord:
     peer_id: str
     start: int  # first block served
     end: int  # one past the last block served
-    num_blocks: int = 0  # blocks in the whole model (0: unknown), so clients can see gaps at the end
+    num_blocks: int = (
+        0  # blocks in the whole model (0: unknown), so clients can see gaps at the end
+    )
     state: State = State.ONLINE
     inference_throughput: float = 0.0  # inference steps per second through one block
     forward_throughput: float = 0.0  # forward tokens per second through one block
@@ -119,7 +121,9 @@ class ServerRecord:
         if not self.start < self.end <= 1_000_000:
             raise InvalidRecord(f"bad block interval [{self.start}, {self.end})")
         if self.num_blocks and self.end > self.num_blocks:
-            raise InvalidRecord(f"block interval [{self.start}, {self.end}) beyond the model's {self.num_blocks} blocks")
+            raise InvalidRecord(
+                f"block interval [{self.start}, {self.end}) beyond the model's {self.num_blocks} blocks"
+            )
         for name in (
             "inference_throughput",
             "forward_throughput",
