@@ -4,9 +4,10 @@ Moving costs a restart (reloading weights, warming up), so a server moves only w
 gains more than `min_gain` (relative swarm throughput), in one of two ways, checked in order:
 
 1. Re-plan. The canonical plan (every server placed from scratch, strongest first, then
-   settled; see choose.py) beats the current swarm by more than `min_gain`, and the greedy
-   path from here (below) would not do as well: then the server moves to its own place in
-   the plan. The plan depends only on the set of servers, so all of them head for the same
+   settled; see choose.py) beats the current swarm by more than `min_gain`, and beats what
+   the greedy path from here (below) reaches by more than `replan_gain` (default 10%; a
+   re-plan moves many servers, and under churn the plan shifts with every join): then the
+   server moves to its own place in the plan. The plan depends only on the set of servers, so all of them head for the same
    placement, and once they are there nobody re-plans again until servers come or go. A
    re-planning move that would leave blocks unserved (the mover is their only server) waits
    unless the plan gains more than `gap_gain` (default 50%): servers whose targets form a
@@ -35,6 +36,8 @@ from balancing.swarm import Span, SwarmEntry, ordered
 DEFAULT_MIN_GAIN = 0.1
 # Rounds of greedy moves when simulating how a swarm settles.
 DEFAULT_LOOKAHEAD_ROUNDS = 8
+# Re-planning moves many servers, so the plan must beat what greedy moves reach by this much.
+DEFAULT_REPLAN_GAIN = 0.1
 # A re-planning move that leaves blocks unserved for a while (the mover was their only
 # server) is made only when the plan beats the current swarm by this much.
 DEFAULT_GAP_GAIN = 0.5
@@ -47,6 +50,7 @@ def should_move(
     min_gain: float = DEFAULT_MIN_GAIN,
     lookahead_rounds: int = DEFAULT_LOOKAHEAD_ROUNDS,
     gap_gain: float = DEFAULT_GAP_GAIN,
+    replan_gain: float = DEFAULT_REPLAN_GAIN,
 ) -> tuple[bool, tuple[int, int]]:
     """(True, new interval) when `me` should move, else (False, its current interval).
 
@@ -71,7 +75,7 @@ def should_move(
     settled = totals(num_blocks, settle(num_blocks, everyone, lookahead_rounds), grid)
     plan = canonical_plan(num_blocks, everyone, lookahead_rounds)
     planned = totals(num_blocks, plan, grid)
-    if bottleneck_gain(now, planned, min_gain) and planned.min() > settled.min():
+    if bottleneck_gain(now, planned, min_gain) and bottleneck_gain(settled, planned, replan_gain):
         target = _planned_start(plan, mine)
         after = base + step * masks[target]
         opens_gap = now.min() > 0 and after.min() == 0
