@@ -91,7 +91,7 @@ def balance(
 @click.option(
     "--runs",
     type=click.IntRange(min=1),
-    default=10,
+    default=20,
     show_default=True,
     help="Generations per model, length, failure rate and strategy.",
 )
