@@ -53,6 +53,15 @@ def test_records_of_other_shapes_are_accepted() -> None:
     assert choose_blocks(10, swarm, 5, 1.0) == (0, 5)
 
 
+def test_routing_records_work_unchanged() -> None:
+    from routing import ServerSpan
+
+    swarm = [ServerSpan("a", 0, 40, 2.0, load=0.5), ServerSpan("b", 0, 40, 3.0)]
+    assert swarm_throughput(80, swarm) == 0.0
+    assert choose_blocks(80, swarm, 40, 1.0) == (40, 80)
+    assert should_move(80, swarm, swarm[0]) == (True, (40, 80))
+
+
 def test_first_server_starts_at_block_zero() -> None:
     assert choose_blocks(80, [], 30, 5.0) == (0, 30)
     assert choose_blocks(20, [], 30, 5.0) == (0, 20)  # more memory than blocks
