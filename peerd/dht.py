@@ -90,6 +90,7 @@ class SwarmDHT:
             max_peers_per_subnet=0,
         )
         self._limiter = trio.CapacityLimiter(MAX_PARALLEL_FETCHES)
+        self._closest: dict[bytes, list[ID]] = {}  # record key -> peers of the last lookup
 
     @property
     def server_mode(self) -> bool:
@@ -131,13 +132,45 @@ class SwarmDHT:
 
     # ---- records ----
 
-    async def put_record(self, value: bytes, *, timeout: float = LOOKUP_TIMEOUT) -> bool:
-        """Store a signed record on the peers closest to its key (and locally)."""
+    async def put_record(
+        self, value: bytes, *, timeout: float = LOOKUP_TIMEOUT, lookup: bool = True
+    ) -> bool:
+        """Store a signed record locally and on the peers closest to its key.
+
+        With `lookup`, a network lookup finds those peers (and is remembered); without, the
+        peers of the last lookup and the closest ones in our routing table are used, which
+        costs one message per peer: re-announcements and the OFFLINE one at shutdown.
+        True if every store was answered within `timeout`.
+        """
         record = verify_record(value)
+        key_bytes = server_key(record.peer_id).encode()
+        self.kad.value_store.put(key_bytes, value)
+        me = self.host.get_id()
+        stored: list[ID] = []
         with trio.move_on_after(timeout):
-            await self.kad.put_value(server_key(record.peer_id), value)
+            peers = list(self._closest.get(key_bytes, ()))
+            peers += self.kad.routing_table.find_local_closest_peers(key_bytes, BUCKET_SIZE)
+            if lookup or not peers:
+                found = await self.kad.peer_routing.find_closest_peers_network(key_bytes)
+                self._closest[key_bytes] = found
+                peers += found
+            limiter = trio.CapacityLimiter(ALPHA)
+
+            async def store(peer: ID) -> None:
+                async with limiter:
+                    with trio.move_on_after(QUERY_TIMEOUT):
+                        if await self.kad.value_store._store_at_peer(peer, key_bytes, value):
+                            stored.append(peer)
+
+            async with trio.open_nursery() as nursery:
+                for peer in dict.fromkeys(peers):
+                    if peer != me:
+                        nursery.start_soon(store, peer)
+            log.debug("record seq %d stored on %d peers", record.seq, len(stored))
             return True
-        log.warning("storing our record timed out after %.0f s", timeout)
+        log.warning(
+            "storing our record timed out after %.0f s (%d peers have it)", timeout, len(stored)
+        )
         return False
 
     async def get_record(

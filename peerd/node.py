@@ -100,6 +100,7 @@ class Node:
         self._last_seq = 0
         self._last_announced: tuple | None = None
         self._wake_announcer = trio.Event()
+        self._announcing = trio.CancelScope()
         self._stop = trio.Event()
         self._stopped = trio.Event()
         self._shutting_down = False
@@ -208,8 +209,9 @@ class Node:
         self._shutting_down = True
         log.info("shutting down")
         if self.ready.is_set():
-            with trio.move_on_after(SHUTDOWN_ANNOUNCE_TIMEOUT):
-                await self.announce(offline=True)
+            self._announcing.cancel()  # no ONLINE announcement may overtake the OFFLINE one
+            with trio.move_on_after(SHUTDOWN_ANNOUNCE_TIMEOUT + 1):
+                await self.announce(offline=True, timeout=SHUTDOWN_ANNOUNCE_TIMEOUT, lookup=False)
         self._stop.set()
         with trio.move_on_after(SHUTDOWN_ANNOUNCE_TIMEOUT + 2):
             await self._stopped.wait()
@@ -288,8 +290,14 @@ class Node:
         """Announce the provider's record soon (e.g. after a state change)."""
         self._wake_announcer.set()
 
-    async def announce(self, *, offline: bool = False) -> ServerRecord | None:
-        """Sign and store the provider's record now; returns what was announced."""
+    async def announce(
+        self, *, offline: bool = False, timeout: float | None = None, lookup: bool = True
+    ) -> ServerRecord | None:
+        """Sign and store the provider's record now; returns what was announced.
+
+        `lookup=False` stores it on the peers found last time (one message each) instead of
+        looking them up again.
+        """
         provider = self._record_provider
         if provider is None:
             return None
@@ -315,7 +323,9 @@ class Node:
         value = sign_record(record, self.key_pair)
         # bounded by one period: a slow put must not delay the next announcement, or the
         # record (which lives two periods) could expire while we are alive
-        stored = await self._dht().put_record(value, timeout=max(self.config.announce_period, 1.0))
+        if timeout is None:
+            timeout = max(self.config.announce_period, 1.0)
+        stored = await self._dht().put_record(value, timeout=timeout, lookup=lookup)
         summary = (record.model_id, record.start, record.end, record.state, record.addrs)
         if summary != self._last_announced:
             log.info(
@@ -331,31 +341,32 @@ class Node:
         return record
 
     async def _announce_loop(self) -> None:
-        """Announce every period (measured from the start of the previous announcement) and
-        re-provide now and then in a task of its own."""
-        provided_model: str | None = None
+        """Announce every period (measured from the start of the previous announcement);
+        re-provide when the model changes and every `provide_every` rounds, in the background.
+        `shutdown()` cancels this loop before it announces OFFLINE."""
         providing = trio.Lock()
 
         async def provide(model_id: str) -> None:
-            if providing.locked():
-                return
-            async with providing:
-                await self._dht().provide(model_id, self.peer_id)
+            if not providing.locked():
+                async with providing:
+                    await self._dht().provide(model_id, self.peer_id)
 
-        async with trio.open_nursery() as nursery:
-            rounds = 0
-            while True:
-                started = trio.current_time()
-                self._wake_announcer = trio.Event()
-                record = await self.announce()
-                if record is not None and (
-                    record.model_id != provided_model or rounds % self.config.provide_every == 0
-                ):
-                    provided_model = record.model_id
-                    nursery.start_soon(provide, record.model_id)
-                rounds += 1
-                with trio.move_on_at(started + self.config.announce_period):
-                    await self._wake_announcer.wait()
+        provided_model: str | None = None
+        rounds = 0
+        with self._announcing:
+            async with trio.open_nursery() as nursery:
+                while True:
+                    started = trio.current_time()
+                    self._wake_announcer = trio.Event()
+                    record = await self.announce(lookup=rounds % self.config.provide_every == 0)
+                    if record is not None and (
+                        record.model_id != provided_model or rounds % self.config.provide_every == 0
+                    ):
+                        provided_model = record.model_id
+                        nursery.start_soon(provide, record.model_id)
+                    rounds += 1
+                    with trio.move_on_at(started + self.config.announce_period):
+                        await self._wake_announcer.wait()
 
     # ---- start-up steps ----
 

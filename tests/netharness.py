@@ -6,11 +6,13 @@
         ...  # every daemon is stopped (SIGTERM, then SIGKILL) when the block ends
 
 Each daemon costs ~3-4 s of imports on a 2-core machine: share one swarm per test module, and
-start daemons together (`spawn` them all, then `wait_ready`) so their imports overlap.
+start daemons together (`spawn` them all, then `wait_ready`) so their imports overlap; a
+bootstrap's address can be known before it runs (`free_port`, `prepare_identity`).
 """
 
 from __future__ import annotations
 
+import socket
 from pathlib import Path
 
 import trio
@@ -20,7 +22,16 @@ from peerd.launcher import DaemonFailed, DaemonGroup, DaemonProcess
 Daemon = DaemonProcess
 REPO = Path(__file__).resolve().parents[1]
 
-__all__ = ["REPO", "Daemon", "DaemonFailed", "DaemonGroup", "run_with_node", "wait_for"]
+__all__ = [
+    "REPO",
+    "Daemon",
+    "DaemonFailed",
+    "DaemonGroup",
+    "free_port",
+    "prepare_identity",
+    "run_with_node",
+    "wait_for",
+]
 
 
 def run_with_node(config, body, *, timeout: float = 60.0):
@@ -50,3 +61,17 @@ async def wait_for(predicate, *, timeout: float, interval: float = 0.3):
                 return value
             await trio.sleep(interval)
     return None
+
+
+def free_port() -> int:
+    """A TCP port free on loopback right now (so peers can be given an address up front)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def prepare_identity(home: Path) -> str:
+    """Create a daemon's identity in `home` ahead of time; returns its peer id."""
+    from peerd.identity import load_or_create_identity, peer_id_of
+
+    return peer_id_of(load_or_create_identity(Path(home) / "identity.key"))
