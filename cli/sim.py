@@ -153,7 +153,7 @@ def failures(
 @click.option(
     "--servers",
     type=click.IntRange(min=1),
-    default=30,
+    default=12,
     show_default=True,
     help="Servers at the start; as many join per hour as leave on average.",
 )

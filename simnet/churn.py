@@ -50,7 +50,7 @@ from simnet.report import new_figure, save, table
 class ChurnConfig:
     num_blocks: int = 80
     duration_s: float = 4 * 3600.0
-    initial_servers: int = 30
+    initial_servers: int = 12
     joins_per_hour: float = 20.0
     mean_lifetime_s: float = 1.5 * 3600.0
     crash_fraction: float = 0.5  # the rest leave gracefully (sessions move on at once)
@@ -60,6 +60,7 @@ class ChurnConfig:
     rebalance_period_s: float = 300.0
     min_gain: float = 0.1
     sessions_per_minute: float = 6.0
+    clients_start_s: float = 300.0  # sessions begin once the initial swarm has loaded
     steps: int = 128
     client_rtt_range: tuple[float, float] = (0.02, 0.15)
     default_rtt: float = 0.1  # between servers (not measured here)
@@ -126,7 +127,7 @@ def plan_servers(config: ChurnConfig, rng: random.Random) -> list[ServerPlan]:
 
 
 def plan_sessions(config: ChurnConfig, rng: random.Random) -> list[float]:
-    times, now = [], 0.0
+    times, now = [], config.clients_start_s
     while True:
         now += rng.expovariate(config.sessions_per_minute / 60.0)
         if now >= config.duration_s:
