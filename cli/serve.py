@@ -111,6 +111,7 @@ def serve(model: Path, **opts: Any) -> None:
     from peerd.server.limits import ServerLimits
     from peerd.serving import ServeOptions
 
+    _check_model(model, opts["blocks"])
     device = opts["device"] or (f"cuda:{opts['gpu']}" if opts["gpu"] is not None else "cpu")
     dtype = opts["dtype"] or ("float32" if device == "cpu" else "bfloat16")
     if device.startswith("cuda"):
@@ -145,3 +146,18 @@ def serve(model: Path, **opts: Any) -> None:
         max_frame=limits.max_frame,
     )
     run_node(daemon.node, opts["log_level"])
+
+
+def _check_model(model: Path, blocks: tuple[int, int] | None) -> None:
+    """Refuse an unreadable checkpoint or blocks it lacks now, not with a traceback after joining."""
+    from blocks import BlocksError, load_config
+
+    try:
+        total = load_config(model).num_blocks
+    except BlocksError as exc:
+        raise click.BadParameter(str(exc), param_hint="'MODEL'") from None
+    if blocks is not None and blocks[1] > total:
+        raise click.BadParameter(
+            f"{blocks[0]}:{blocks[1]}: {model.name} has {total} blocks (0:{total} serves them all)",
+            param_hint="'--blocks'",
+        )
