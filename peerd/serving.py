@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,6 +18,7 @@ from pathlib import Path
 import torch
 import trio
 
+import wire
 from balancing import DEFAULT_MIN_GAIN, SwarmEntry, choose_blocks, should_move
 from blocks import ModelConfig, Span, checkpoint_fingerprint, load_config, measure_throughput
 from peerd.framed import FramedChannel, Libp2pByteStream
@@ -32,6 +34,8 @@ MEMORY_HEADROOM = 0.8  # use at most this share of free memory for weights and c
 NEXT_RTT_PEERS = 8
 RTT_FIRST_DELAY = 5.0
 RTT_PERIOD = 60.0
+INFO_TIMEOUT = 5.0  # seconds to wait for a server's own word on its blocks
+MAX_DEFERRALS = 4  # rebalancing rounds we let a server with a smaller id move first
 
 
 @dataclass
@@ -64,6 +68,7 @@ class BlockService:
         self.throughput: dict = {}
         self.next_rtts: dict[str, float] = {}
         self.online = trio.Event()
+        self._deferrals = 0
 
     # ----- the record ------------------------------------------------------------------
     def record(self) -> ServerRecord | None:
@@ -114,12 +119,18 @@ class BlockService:
         return start, end
 
     async def _swarm_entries(self) -> list[SwarmEntry]:
+        """The other servers of our model, JOINING ones included: they are about to hold
+        those blocks (counting only ONLINE ones made servers that start or move together all
+        pick the same blocks). A record without a measured throughput yet counts at the
+        median of the measured ones."""
         records = await self.swarm.list_servers(self.model_id)
         me = self.swarm.node.peer_id
+        others = [r for r in records if r.peer_id != me and r.state is not State.OFFLINE]
+        measured = sorted(r.inference_throughput for r in others if r.inference_throughput > 0)
+        fallback = measured[len(measured) // 2] if measured else 1.0
         return [
-            SwarmEntry(r.peer_id, r.start, r.end, max(r.inference_throughput, 1e-3))
-            for r in records
-            if r.peer_id != me and r.state is State.ONLINE
+            SwarmEntry(r.peer_id, r.start, r.end, r.inference_throughput or fallback)
+            for r in others
         ]
 
     def _my_throughput_guess(self, swarm: list[SwarmEntry]) -> float:
@@ -208,17 +219,104 @@ class BlockService:
             await trio.sleep(RTT_PERIOD)
 
     async def _rebalance_loop(self) -> None:
+        """Every period (randomly stretched or shrunk), ask `should_move`; move when a second
+        check soon after says the same: a DHT listing that missed a live server (a lookup timed
+        out on a busy machine) would otherwise send us off blocks that only we serve."""
+        period = self.options.rebalance_period
+        pending: tuple[int, int] | None = None
         while True:
-            await trio.sleep(self.options.rebalance_period)
-            if self.interval is None:
+            share = random.uniform(0.2, 0.4) if pending else random.uniform(0.5, 1.5)
+            await trio.sleep(period * share)
+            try:
+                new = await self._wanted_move()
+            except Exception as exc:  # noqa: BLE001 - a failed listing waits for the next round
+                log.warning("rebalancing check failed: %r", exc)
                 continue
-            swarm = await self._swarm_entries()
-            start, end = self.interval
-            me = SwarmEntry(self.swarm.node.peer_id, start, end, self._my_throughput_guess(swarm))
-            move, new = should_move(self.config.num_blocks, swarm, me, self.options.min_gain)
-            if move:
-                log.info("rebalancing: moving from blocks %d:%d to %d:%d", start, end, *new)
-                await self._load_and_serve(new)
+            if new is None or new != pending:
+                if new is not None:
+                    log.info("rebalancing: blocks %d:%d would help more; checking again", *new)
+                pending = new
+                continue
+            pending = None
+            log.info("rebalancing: moving from blocks %d:%d to %d:%d", *self.interval, *new)
+            await self._load_and_serve(new)
+
+    async def _wanted_move(self) -> tuple[int, int] | None:
+        """The interval `should_move` sends us to now, or None to stay.
+
+        Servers that see the same swarm reach the same verdicts, so several of them (two that
+        picked the same blocks at the same moment, say) would move together, the same way, and
+        undo it together for ever. `balancing` guarantees progress for moves made one at a
+        time: of the servers that should move, only the one with the smallest peer id does
+        this round; the others see its move (announced as JOINING at once) next round. After
+        MAX_DEFERRALS rounds we move anyway (that server may not rebalance at all).
+        """
+        if self.interval is None:
+            return None
+        others = await self._swarm_entries()
+        start, end = self.interval
+        me = SwarmEntry(self.swarm.node.peer_id, start, end, self._my_throughput_guess(others))
+        everyone, total, min_gain = [*others, me], self.config.num_blocks, self.options.min_gain
+        move, new = should_move(total, everyone, me, min_gain)
+        if not move:
+            self._deferrals = 0
+            return None
+        # a move restarts us and may leave blocks only we serve: decide on what the servers
+        # say they hold right now, not on DHT records that can lag a move by many seconds
+        others = await self._confirmed(others)
+        everyone = [*others, me]
+        move, new = should_move(total, everyone, me, min_gain)
+        if not move:
+            return None
+        first = min(
+            (e.peer_id for e in others if should_move(total, everyone, e, min_gain)[0]),
+            default=None,
+        )
+        if first is not None and first < me.peer_id and self._deferrals < MAX_DEFERRALS:
+            self._deferrals += 1
+            log.info("rebalancing: blocks %d:%d would help more; %s moves first", *new, first)
+            return None
+        self._deferrals = 0
+        return tuple(new)
+
+    async def _confirmed(self, entries: list[SwarmEntry]) -> list[SwarmEntry]:
+        """`entries` with the blocks each server reports in an Info reply; a server that
+        does not answer keeps its listed blocks, one that serves something else drops out."""
+        confirmed: dict[str, SwarmEntry | None] = {e.peer_id: e for e in entries}
+
+        async def ask(entry: SwarmEntry) -> None:
+            with trio.move_on_after(INFO_TIMEOUT):
+                try:
+                    confirmed[entry.peer_id] = await self._live_entry(entry)
+                except Exception as exc:  # noqa: BLE001 - unconfirmed: keep the listed blocks
+                    log.debug("no Info from %s: %r", entry.peer_id, exc)
+
+        async with trio.open_nursery() as nursery:
+            for entry in entries:
+                nursery.start_soon(ask, entry)
+        return [e for e in confirmed.values() if e is not None]
+
+    async def _live_entry(self, entry: SwarmEntry) -> SwarmEntry | None:
+        channel = await self.swarm.connect(entry.peer_id, RPC_PROTOCOL)
+        try:
+            await channel.write_message(wire.Info().to_wire())
+            reply = wire.parse_message(await channel.read_message())
+        finally:
+            await channel.aclose()
+        if not isinstance(reply, wire.InfoResult):
+            return entry
+        record = reply.record
+        start, end = record.get("start"), record.get("end")
+        if (
+            record.get("model_id") != self.model_id
+            or record.get("state") not in (State.ONLINE.value, State.JOINING.value)
+            or not (type(start) is int and type(end) is int and 0 <= start < end)
+        ):
+            return None
+        throughput = record.get("inference_throughput")
+        if not isinstance(throughput, float) or not throughput > 0:
+            throughput = entry.throughput
+        return SwarmEntry(entry.peer_id, start, end, throughput)
 
     async def _measure_next_rtts(self) -> None:
         """Round trips to servers of the blocks after ours (the next hop of a chain)."""
