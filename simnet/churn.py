@@ -158,7 +158,9 @@ class ChurnSim:
         self.planner = RoutePlanner([], self.cost_model, end=config.num_blocks, mode="latency")
         self.announced: dict[str, SwarmEntry] = {}  # records: online or loading
         self.online: dict[str, ServerSpan] = {}
-        self.users: dict[str, set[simpy.Process]] = {}  # sessions running through a server
+        # Sessions running through each server, in arrival order (dicts, not sets: the order
+        # of interrupts must not depend on object addresses or hash seeds).
+        self.users: dict[str, dict[simpy.Process, None]] = {}
         self.result = ChurnResult(rebalancing)
         self._ended: list[tuple[float, bool]] = []
 
@@ -292,14 +294,14 @@ class ChurnSim:
 
     def _join(self, session: simpy.Process, hops: list[Hop]) -> None:
         for hop in hops:
-            self.users.setdefault(hop.peer_id, set()).add(session)
+            self.users.setdefault(hop.peer_id, {})[session] = None
         self._publish_load(hops)
 
     def _leave(self, session: simpy.Process, hops: list[Hop]) -> None:
         for hop in hops:
             users = self.users.get(hop.peer_id)
             if users is not None:
-                users.discard(session)
+                users.pop(session, None)
         self._publish_load(hops)
 
     def _load(self, peer: str) -> float:
@@ -308,7 +310,7 @@ class ChurnSim:
     def _publish_load(self, hops: list[Hop]) -> None:
         """Servers announce their load; the client's planner learns it (spreads sessions)."""
         changes = []
-        for peer in {h.peer_id for h in hops}:
+        for peer in dict.fromkeys(h.peer_id for h in hops):
             span = self.online.get(peer)
             if span is not None and span.load != self._load(peer):
                 self.online[peer] = replace(span, load=self._load(peer))
