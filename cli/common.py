@@ -165,7 +165,7 @@ def run_node(
     import trio
 
     from peerd.logging import setup_logging
-    from peerd.node import NoSwarmError
+    from peerd.node import ListenError, NoSwarmError
 
     setup_logging(log_level)
 
@@ -183,5 +183,12 @@ def run_node(
 
     try:
         trio.run(_main)
-    except NoSwarmError as exc:
-        raise click.UsageError(str(exc)) from None
+    except BaseException as exc:  # trio wraps errors of the node's start in exception groups
+        inner = exc
+        while len(getattr(inner, "exceptions", ())) == 1:
+            inner = inner.exceptions[0]  # type: ignore[attr-defined]
+        if isinstance(inner, NoSwarmError):
+            raise click.UsageError(str(inner)) from None
+        if isinstance(inner, (ListenError, ValueError)):
+            raise click.ClickException(str(inner)) from None
+        raise

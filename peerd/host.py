@@ -12,6 +12,7 @@ Choices, measured on py-libp2p 0.8.1 (see shared/LIBP2P-NOTES.md and the report)
 from __future__ import annotations
 
 import ipaddress
+import socket
 from collections.abc import Sequence
 
 import multiaddr
@@ -28,6 +29,28 @@ from libp2p.stream_muxer.yamux.yamux import Yamux
 from libp2p.utils.address_validation import expand_wildcard_address
 
 WILDCARDS = ("0.0.0.0", "::")
+
+
+class ListenError(OSError):
+    """The host cannot listen on the address asked for."""
+
+
+def check_port_free(host: str, port: int) -> None:
+    """Refuse a port another process listens on.
+
+    py-libp2p's TCP listener sets SO_REUSEPORT, so a second daemon on the same --port would
+    bind too and silently receive half of the first one's connections; a plain bind fails.
+    """
+    if port == 0:
+        return
+    family = socket.AF_INET6 if ipaddress.ip_address(host).version == 6 else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        try:
+            probe.bind((host, port))
+        except OSError as exc:
+            raise ListenError(
+                f"cannot listen on {host}:{port} ({exc.strerror}): choose another --port"
+            ) from None
 
 
 def listen_multiaddr(host: str, port: int) -> multiaddr.Multiaddr:

@@ -40,7 +40,14 @@ from libp2p.tools.anyio_service import background_trio_service
 
 from peerd.config import NodeConfig
 from peerd.dht import SwarmDHT
-from peerd.host import is_relayed, listen_multiaddr, make_host, with_peer_id
+from peerd.host import (
+    ListenError,
+    check_port_free,
+    is_relayed,
+    listen_multiaddr,
+    make_host,
+    with_peer_id,
+)
 from peerd.identity import load_or_create_identity, peer_id_of
 from peerd.reachability import DialbackService, ask_dialback, read_exactly
 from peerd.records import ServerRecord, State, sign_record
@@ -148,6 +155,7 @@ class Node:
             )
         initial = [parse_peer_addr(a) for a in cfg.initial_peers]
         listen = listen_multiaddr(cfg.host, cfg.port)
+        check_port_free(cfg.host, cfg.port)
         self.host = make_host(
             self.key_pair, listen=listen, announce=cfg.announce_addrs, dial_timeout=cfg.dial_timeout
         )
@@ -158,6 +166,10 @@ class Node:
                 trio.open_nursery() as nursery,
                 AsyncExitStack() as stack,
             ):
+                if not host.get_transport_addrs():
+                    raise ListenError(
+                        f"cannot listen on {listen}: is the port in use? (choose another with --port)"
+                    )
                 for protocol_id, handler in self._handlers.items():
                     host.set_stream_handler(TProtocol(protocol_id), handler)
                 DialbackService(host).install()
