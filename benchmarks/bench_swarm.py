@@ -59,6 +59,7 @@ from wire import local as api
 
 BENCHMARKS = ("inference", "forward", "startup", "recovery")
 IDLE_WINDOW_S = 5.0  # how long the idle swarm's CPU use is measured
+LIST_POLL_S = 0.25  # between listings while waiting for ONLINE (each listing loads every daemon)
 
 
 # ----- 1. sequential inference ---------------------------------------------------------------
@@ -153,20 +154,24 @@ def socket_ping_ms(peer: Peer, rounds: int = 200) -> float:
     return median(times) * 1e3
 
 
-def local_step_ms(local: LocalModel, start: int, end: int, context: int, rounds: int = 30) -> float:
-    """One-token step through blocks [start, end) against `context` cached tokens, in this process."""
+def local_step_ms(
+    local: LocalModel, start: int, end: int, context: int, rounds: int = 30
+) -> tuple[float, float]:
+    """One-token step through blocks [start, end) against `context` cached tokens, in this process:
+    (wall ms, CPU ms), medians."""
     span = local.span
     h = span.config.hidden_size
     cache = span.new_cache(1, context + rounds + 5, start, end)
     g = torch.Generator().manual_seed(1)
     span.step(torch.randn(1, context, h, generator=g), cache)
     x = torch.randn(1, 1, h, generator=g)
-    times = []
+    times, cpu = [], []
     for _ in range(rounds):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         span.step(x, cache)
         times.append(time.perf_counter() - t0)
-    return median(times) * 1e3
+        cpu.append(time.process_time() - c0)
+    return median(times) * 1e3, median(cpu) * 1e3
 
 
 def bench_inference(
@@ -232,10 +237,12 @@ def bench_inference(
     # where the time of one session step goes
     context = len(prompt) + n // 2
     spans = setup.splits
+    per_span = [local_step_ms(local, a, b, context) for a, b in spans]
     profile = {
         "socket_ping_ms": socket_ping_ms(peer),
-        "local_step_all_blocks_ms": local_step_ms(local, 0, setup.model.num_layers, context),
-        "local_step_per_span_ms": [local_step_ms(local, a, b, context) for a, b in spans],
+        "local_step_all_blocks_ms": local_step_ms(local, 0, setup.model.num_layers, context)[0],
+        "local_step_per_span_ms": [wall for wall, _ in per_span],
+        "local_step_per_span_cpu_ms": [cpu for _, cpu in per_span],
     }
     profile["chain_overhead_ms"] = (
         out["session"]["request_ms"] - profile["local_step_all_blocks_ms"]
@@ -298,8 +305,8 @@ STARTUP_EVENTS = (
 )
 
 
-def import_profile(code: str, top: int = 8) -> list[tuple[str, float]]:
-    """The top-level imports that cost most (seconds, cumulative), from `python -X importtime`."""
+def import_profile(code: str, top: int = 10) -> list[tuple[str, float]]:
+    """Import seconds by top-level package (each module's own time, summed), from `-X importtime`."""
     proc = subprocess.run(
         [sys.executable, "-X", "importtime", "-c", code],
         cwd=REPO,
@@ -310,10 +317,10 @@ def import_profile(code: str, top: int = 8) -> list[tuple[str, float]]:
     )
     costs: dict[str, float] = {}
     for line in proc.stderr.splitlines():
-        m = re.match(r"import time:\s+(\d+) \|\s+(\d+) \| (\s*)(\S+)", line)
-        if m and len(m.group(3)) <= 1:  # top-level: imported by the -c code itself
-            root = m.group(4).split(".")[0]
-            costs[root] = costs.get(root, 0.0) + int(m.group(2)) / 1e6
+        m = re.match(r"import time:\s+(\d+) \|\s+(\d+) \| \s*(\S+)", line)
+        if m:
+            root = m.group(3).split(".")[0]
+            costs[root] = costs.get(root, 0.0) + int(m.group(1)) / 1e6
     return sorted(costs.items(), key=lambda kv: -kv[1])[:top]
 
 
@@ -340,7 +347,7 @@ def startup_once(swarm: Swarm, start: int, end: int, home: Path | None, name: st
         while daemon.peer_id not in swarm.online_peers():
             if time.monotonic() > deadline or daemon.proc.poll() is not None:
                 raise RuntimeError(f"{name} never listed ONLINE; log:\n{daemon.log_tail()}")
-            time.sleep(0.02)
+            time.sleep(LIST_POLL_S)
         listed = time.monotonic() - t0
         time.sleep(0.1)
     finally:
@@ -404,8 +411,8 @@ def recovery_run(
 ) -> dict:
     """One generation; with `mode` "between" or "during", kill the middle hop's server at half way.
 
-    "between": before the step is sent; "during": `delay` seconds after it was sent (a third of
-    a normal step: while the first hop computes or the middle one does).
+    "between": before the step is sent; "during": `delay` seconds after it was sent (half a
+    normal step: while the middle server computes, so the chain is waiting on its stream).
     """
     a, b = middle_split(setup)
     kill_at = setup.new_tokens // 2
@@ -441,6 +448,8 @@ def recovery_run(
         "same_tokens": gen.tokens == reference,
         "recoveries": gen.extra["recoveries"],
         "normal_step_s": median(gen.extra["request_s"][1:kill_at]),
+        "requests_s": sum(gen.extra["request_s"]),  # the rest of total_s: head and embedding here
+        "step_times_s": [round(t, 4) for t in gen.extra["request_s"]],
     }
     if mode is not None:
         failed = next((t for t, line in events if "failed" in line and "repairing" in line), None)
@@ -479,7 +488,7 @@ def bench_recovery(
     rows: dict[str, list[dict]] = {"none": [], "between": [], "during": []}
     for i in range(setup.runs):
         for mode in ("none", "between", "during"):
-            delay = (rows["none"] or [warm])[-1]["normal_step_s"] / 3
+            delay = (rows["none"] or [warm])[-1]["normal_step_s"] / 2
             row = recovery_run(
                 swarm, local, setup, prompt, reference, None if mode == "none" else mode, delay
             )
@@ -520,6 +529,42 @@ def bench_recovery(
         }
     out["no_failure_runs"] = rows["none"]
     return out
+
+
+# ----- profiling the daemons -------------------------------------------------------------------
+
+
+def profile_swarm(
+    setup: Setup, model_dir: Path, workdir: Path, out_dir: Path, top: int = 30
+) -> str:
+    """Run the bootstrap and the middle server under cProfile through a few generations.
+
+    Only their trio threads are profiled: the listing shows where the event loop spends its
+    own time (framing, codec, libp2p's yamux and Noise, trio) apart from the compute threads.
+    """
+    import io
+    import pstats
+
+    limit_threads(setup.threads)
+    local = LocalModel(model_dir)
+    prompt, _ = pick_prompt(local, setup)
+    with Swarm(workdir / "swarm-profiled", model_dir, setup, profile_dir=out_dir) as swarm:
+        for _ in range(2):
+            session_generate(swarm.peer, local, model_dir, prompt, setup.new_tokens)
+        daemon_generate(swarm.peer, model_dir, prompt, setup.new_tokens)
+    text = []
+    views = (
+        ("tottime", None),
+        ("cumulative", r"/peerd/|/wire/|yamux|secure_session|noise|_threads"),
+    )
+    for file in sorted(out_dir.glob("*.prof")):
+        for sort, pattern in views:
+            stream = io.StringIO()
+            stats = pstats.Stats(str(file), stream=stream).sort_stats(sort)
+            stats.print_stats(*([pattern] if pattern else []), top)
+            listing = re.sub(r"\S*/(site-packages|main)/", "", stream.getvalue())
+            text.append(f"===== {file.name}: by {sort} =====\n{listing}")
+    return "\n".join(text)
 
 
 # ----- running and printing ----------------------------------------------------------------------
@@ -603,7 +648,7 @@ def report(results: dict) -> str:
         parts.append(
             table(
                 "   CPU ms per generated token, by process (the in-process blocks: "
-                + ", ".join(f"{x:.1f}" for x in p["local_step_per_span_ms"])
+                + ", ".join(f"{x:.1f}" for x in p["local_step_per_span_cpu_ms"])
                 + " ms per span); idle CPU % over "
                 + f"{IDLE_WINDOW_S:.0f} s before any request",
                 ["process", "local", "session", "generate", "idle %"],
@@ -719,6 +764,12 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--out", type=Path, help="write every figure to this JSON file")
     parser.add_argument(
+        "--profile",
+        type=Path,
+        metavar="DIR",
+        help="instead: profile the bootstrap and the middle server (cProfile files into DIR)",
+    )
+    parser.add_argument(
         "--model-cache", type=Path, help="keep the generated checkpoint here between runs"
     )
     args = parser.parse_args(argv)
@@ -734,6 +785,9 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory(prefix="peerd-bench-") as tmp:
         workdir = Path(tmp)
         model_dir = model_dir_for(setup, args.model_cache or workdir / "models")
+        if args.profile is not None:
+            print(profile_swarm(setup, model_dir, workdir, args.profile))
+            return
         results = run(setup, model_dir, workdir, only)
     results["date"] = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
     print()

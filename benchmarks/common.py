@@ -229,10 +229,14 @@ def pick_prompt(local: LocalModel, setup: Setup, eos: int = 2) -> tuple[list[int
 class Swarm:
     """A bootstrap daemon (the client's socket) and servers of one checkpoint, all stopped on exit."""
 
-    def __init__(self, root: Path, model_dir: Path, setup: Setup) -> None:
+    def __init__(
+        self, root: Path, model_dir: Path, setup: Setup, *, profile_dir: Path | None = None
+    ) -> None:
+        """`profile_dir`: run the bootstrap and the middle split's server under cProfile there."""
         self.root = Path(root)
         self.model_dir = Path(model_dir)
         self.setup = setup
+        self.profile_dir = profile_dir
         self.group = DaemonGroup(
             self.root, announce_period=setup.announce_period, threads=setup.threads
         )
@@ -242,8 +246,12 @@ class Swarm:
 
     def __enter__(self) -> Swarm:
         try:
-            self.boot = self.group.start("bootstrap", "--new-swarm")
-            pending = [self.spawn_server(a, b) for a, b in self.setup.splits]
+            self.boot = self._spawn("bootstrap", "--new-swarm", profile=True).wait_ready()
+            middle = len(self.setup.splits) // 2
+            pending = [
+                self.spawn_server(a, b, profile=i == middle)
+                for i, (a, b) in enumerate(self.setup.splits)
+            ]
             for daemon in pending:
                 self.wait_online(daemon)
         except BaseException:
@@ -259,11 +267,13 @@ class Swarm:
         assert self.boot is not None
         return Peer(self.boot.socket)
 
-    def spawn_server(self, start: int, end: int, *, name: str | None = None) -> DaemonProcess:
+    def spawn_server(
+        self, start: int, end: int, *, name: str | None = None, profile: bool = False
+    ) -> DaemonProcess:
         assert self.boot is not None
         self._names += 1
         name = name or f"server{self._names}-{start}-{end}"
-        daemon = self.group.spawn(
+        daemon = self._spawn(
             name,
             str(self.model_dir),
             "--blocks",
@@ -273,9 +283,17 @@ class Swarm:
             "--rebalance-period",
             "0",
             command="serve",
+            profile=profile,
         )
         self.servers[name] = daemon
         return daemon
+
+    def _spawn(self, name: str, *args: str, command: str = "join", profile: bool) -> DaemonProcess:
+        if not profile or self.profile_dir is None:
+            return self.group.spawn(name, *args, command=command)
+        return spawn_profiled(
+            self.group, name, self.profile_dir / f"{name}.prof", *args, command=command
+        )
 
     def wait_online(self, daemon: DaemonProcess, timeout: float = 120.0) -> None:
         """Until the bootstrap's socket lists the server as ONLINE (what a client sees)."""
@@ -287,7 +305,7 @@ class Swarm:
                 raise RuntimeError(
                     f"{daemon.name} not listed ONLINE by the bootstrap after {timeout:.0f} s"
                 )
-            time.sleep(0.1)
+            time.sleep(0.5)
 
     def online_peers(self) -> set[str]:
         models = self.peer.models()
@@ -305,6 +323,47 @@ class Swarm:
 
     def by_peer(self, peer_id: str) -> DaemonProcess | None:
         return next((d for d in self.servers.values() if d.peer_id == peer_id), None)
+
+
+def spawn_profiled(
+    group: DaemonGroup, name: str, out: Path, *args: str, command: str = "join"
+) -> DaemonProcess:
+    """Like `DaemonGroup.spawn`, under `python -m cProfile -o out` (written when it exits cleanly).
+
+    cProfile sees the trio thread only: what is left is the event loop's own work, with the
+    compute (worker threads) showing up as time waiting in the loop.
+    """
+    home = group.root / name
+    home.mkdir(parents=True, exist_ok=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    log_path = home / f"{name}-{len(group.daemons)}.log"
+    cmd = [sys.executable, "-m", "cProfile", "-o", str(out), "-m", "cli.main", command]
+    cmd += ["--home", str(home), "--host", "127.0.0.1"]
+    cmd += ["--announce-period", str(group.announce_period), *args]
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(
+            cmd,
+            cwd=REPO,
+            stdout=subprocess.PIPE,
+            stderr=log,
+            stdin=subprocess.DEVNULL,
+            env=python_env(group.threads or 1),
+            text=True,
+        )
+    daemon = DaemonProcess(name=name, proc=proc, home=home, log_path=log_path)
+    threading.Thread(target=_pump, args=(proc, daemon.lines), daemon=True).start()
+    group.daemons.append(daemon)  # the group stops it like its own
+    return daemon
+
+
+def _pump(proc: subprocess.Popen, lines: queue.Queue) -> None:
+    assert proc.stdout is not None
+    try:
+        for line in proc.stdout:
+            lines.put(line)
+    except ValueError:  # closed while reading
+        pass
+    lines.put(None)
 
 
 def cpu_seconds(pid: int) -> float | None:
