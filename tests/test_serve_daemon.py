@@ -13,7 +13,6 @@ on. Tests that kill or stop daemons run last.
 from __future__ import annotations
 
 import re
-import socket
 import struct
 import time
 import uuid
@@ -29,7 +28,6 @@ from blocks import Span, checkpoint_fingerprint
 from peerd.config import NodeConfig
 from peerd.demo.tiny import TinyLlama, write_tiny_llama
 from peerd.framed import ConnectionLost, FramedChannel, Libp2pByteStream
-from peerd.identity import load_or_create_identity, peer_id_of
 from peerd.launcher import DaemonGroup
 from peerd.records import ServerRecord, State
 from peerd.server.block_server import INFERENCE_PROTOCOL, RPC_PROTOCOL
@@ -53,16 +51,13 @@ ATOL = 1e-4
 @pytest.fixture(scope="module")
 def swarm(tmp_path_factory):
     root = tmp_path_factory.mktemp("serve")
-    homes = root / "homes"
-    with DaemonGroup(homes, announce_period=PERIOD) as group:
-        # the bootstrap's identity and port are fixed up front, so the servers can start
-        # (and spend their seconds of imports) at the same time; they retry until it answers
-        boot_id = peer_id_of(load_or_create_identity(homes / "boot" / "identity.key"))
-        port = free_port()
-        boot = group.spawn("boot", "--new-swarm", "--port", str(port))
-        boot_addr = f"/ip4/127.0.0.1/tcp/{port}/p2p/{boot_id}"
+    with DaemonGroup(root / "homes", announce_period=PERIOD) as group:
+        boot = group.spawn("boot", "--new-swarm")
         model = write_tiny_llama(root / "tiny", TinyLlama(num_layers=NUM_BLOCKS))
         small = write_tiny_llama(root / "small", TinyLlama(num_layers=2, seed=1))
+        # servers started before the bootstrap listens would retry in vain for a minute
+        # (py-libp2p keeps a peer whose dial failed in a 60 s negative cache)
+        boot_addr = boot.wait_ready().addrs[0]
         join = ["--initial-peers", boot_addr]
         balanced = [
             *join,
@@ -80,8 +75,6 @@ def swarm(tmp_path_factory):
             "limits", str(small), "--blocks", "0:2", "--rebalance-period", "0", *join, *limited,
             command="serve",
         )  # fmt: skip
-        boot.wait_ready()
-        assert boot.peer_id == boot_id and boot_addr in boot.addrs, boot.addrs
         for daemon in [*servers.values(), limits]:
             daemon.wait_ready()
             daemon.wait_log("online: blocks")
@@ -95,12 +88,6 @@ def swarm(tmp_path_factory):
             "limits": limits,
             "reference": Span.load(model, 0, NUM_BLOCKS),
         }
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
