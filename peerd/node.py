@@ -403,6 +403,9 @@ class Node:
         ok: list[ID] = []
 
         async def one(info: PeerInfo) -> None:
+            # py-libp2p blocks a peer for 60 s after a failed dial; an initial peer that was
+            # still starting must get a real retry, not an instant refusal from that cache.
+            host.get_network().unblock_peer(info.peer_id)
             with trio.move_on_after(self.config.dial_timeout):
                 try:
                     await host.connect(info)
