@@ -29,6 +29,7 @@ import trio
 import wire
 from benchmarks.common import (
     Setup,
+    cpu_seconds,
     limit_threads,
     load_average,
     median,
@@ -45,6 +46,7 @@ from peerd.server.block_server import INFERENCE_PROTOCOL, RPC_PROTOCOL
 from peerd.swarm import SwarmAccess
 
 CONTEXT = 64  # tokens already in the KV cache when the one-token steps are timed
+IDLE_S = 2.0  # how long the idle server's background CPU use is measured
 
 
 async def _timed(fn) -> tuple[object, float]:
@@ -96,7 +98,7 @@ async def measure(home: Path, server: DaemonProcess, span: Span, rounds: int, se
             swarm = SwarmAccess(node, max_frame=wire.DEFAULT_MAX_FRAME, cache_dir=home / "cache")
             record = await _server_record(node, server.peer_id)
             out["step"], out["ping"], out["stream_open_ms"] = await _steps(
-                swarm, record, span, rounds
+                swarm, record, span, rounds, server.pid
             )
             out["forward"] = await _forwards(swarm, record, span, max(5, rounds // 5), seq_len)
         finally:
@@ -105,17 +107,20 @@ async def measure(home: Path, server: DaemonProcess, span: Span, rounds: int, se
     return out
 
 
-async def _steps(swarm: SwarmAccess, record, span: Span, rounds: int) -> tuple[dict, dict, float]:
+async def _steps(
+    swarm: SwarmAccess, record, span: Span, rounds: int, server_pid: int
+) -> tuple[dict, dict, float]:
     h = span.config.hidden_size
     g = torch.Generator().manual_seed(0)
-    max_length = CONTEXT + rounds + 30
+    warmup = 20
+    max_length = CONTEXT + rounds + warmup + 10
     channel, open_s = await _timed(lambda: swarm.connect(record.peer_id, INFERENCE_PROTOCOL))
     await _request(
         channel,
         wire.OpenSession(
             model_id=record.model_id,
-            start=0,
-            end=1,
+            start=span.start,
+            end=span.end,
             max_length=max_length,
             batch_size=1,
             compression="none",
@@ -126,23 +131,42 @@ async def _steps(swarm: SwarmAccess, record, span: Span, rounds: int) -> tuple[d
     prefill = torch.randn(1, CONTEXT, h, generator=g)
     await _request(channel, wire.Step(hidden=prefill, step_id=0))
     span.step(prefill, cache)
-    remote, local, pings = [], [], []
-    diff = float("nan")
-    for i in range(rounds + 20):  # the first 20 are a warm-up
+    step_id = 0
+
+    async def remote_step(x: torch.Tensor) -> wire.Message:
+        nonlocal step_id
+        step_id += 1
+        return await _request(channel, wire.Step(hidden=x, step_id=step_id))
+
+    for _ in range(warmup):
         x = torch.randn(1, 1, h, generator=g)
-        reply, dt = await _timed(
-            lambda x=x, i=i: _request(channel, wire.Step(hidden=x, step_id=i + 1))
-        )
-        t0 = time.perf_counter()
+        await remote_step(x)
+        span.step(x, cache)
+    # the server's background CPU (announcements, DHT upkeep), to take out of its per-step CPU
+    idle_before, t_idle = cpu_seconds(server_pid), time.perf_counter()
+    await trio.sleep(IDLE_S)
+    idle_rate = (cpu_seconds(server_pid) - idle_before) / (time.perf_counter() - t_idle)
+
+    remote, local, client_cpu, local_cpu = [], [], [], []
+    server_before, t_loop = cpu_seconds(server_pid), time.perf_counter()
+    for i in range(rounds):
+        x = torch.randn(1, 1, h, generator=g)
+        c0, t0 = time.process_time(), time.perf_counter()
+        reply = await remote_step(x)
+        remote.append(time.perf_counter() - t0)
+        client_cpu.append(time.process_time() - c0)
+        c0, t0 = time.process_time(), time.perf_counter()
         expected = span.step(x, cache)
-        lt = time.perf_counter() - t0
-        _, pt = await _timed(lambda i=i: _request(channel, wire.Ping(nonce=i)))
-        if i >= 20:
-            remote.append(dt)
-            local.append(lt)
-            pings.append(pt)
-        if i == 20:
+        local.append(time.perf_counter() - t0)
+        local_cpu.append(time.process_time() - c0)
+        if i == 0:
             diff = float((reply.hidden - expected).abs().max())
+    loop_s = time.perf_counter() - t_loop
+    server_cpu = (cpu_seconds(server_pid) - server_before - idle_rate * loop_s) / rounds
+    pings = []
+    for i in range(rounds):
+        _, pt = await _timed(lambda i=i: _request(channel, wire.Ping(nonce=i)))
+        pings.append(pt)
     await channel.write_message(wire.CloseSession().to_wire())
     await channel.aclose()
     step = {
@@ -150,6 +174,11 @@ async def _steps(swarm: SwarmAccess, record, span: Span, rounds: int) -> tuple[d
         "local_ms": median(local) * 1e3,
         "ratio": median(remote) / median(local),
         "overhead_ms": (median(remote) - median(local)) * 1e3,
+        "local_cpu_ms": median(local_cpu) * 1e3,
+        "server_cpu_ms": server_cpu * 1e3,
+        "server_overhead_cpu_ms": (server_cpu - median(local_cpu)) * 1e3,
+        "client_cpu_ms": median(client_cpu) * 1e3,
+        "server_idle_cpu_percent": idle_rate * 100,
         "max_abs_diff": diff,
         "rounds": rounds,
         "context": CONTEXT,
@@ -162,7 +191,7 @@ async def _forwards(swarm: SwarmAccess, record, span: Span, rounds: int, seq_len
     x = torch.randn(1, seq_len, h, generator=torch.Generator().manual_seed(1))
     channel = await swarm.connect(record.peer_id, RPC_PROTOCOL)
     remote, local = [], []
-    message = wire.Forward(model_id=record.model_id, start=0, end=1, hidden=x)
+    message = wire.Forward(model_id=record.model_id, start=span.start, end=span.end, hidden=x)
     for i in range(rounds + 2):
         reply, dt = await _timed(lambda: _request(channel, message))
         lt = _local(lambda: span.forward(x))
@@ -184,10 +213,11 @@ async def _forwards(swarm: SwarmAccess, record, span: Span, rounds: int, seq_len
     }
 
 
-def run(setup: Setup, model_dir: Path, workdir: Path, rounds: int) -> dict:
+def run(setup: Setup, model_dir: Path, workdir: Path, rounds: int, blocks: int = 1) -> dict:
+    """Serve blocks [0, blocks) (one block for the reference figures) and measure one hop."""
     limit_threads(setup.threads)
-    results: dict = {"load_before": load_average()}
-    span = Span.load(model_dir, 0, 1)
+    results: dict = {"load_before": load_average(), "blocks": blocks}
+    span = Span.load(model_dir, 0, blocks)
     with DaemonGroup(
         workdir / "hop", announce_period=setup.announce_period, threads=setup.threads
     ) as group:
@@ -195,7 +225,7 @@ def run(setup: Setup, model_dir: Path, workdir: Path, rounds: int) -> dict:
             "hop-server",
             str(model_dir),
             "--blocks",
-            "0:1",
+            f"0:{blocks}",
             "--new-swarm",
             "--rebalance-period",
             "0",
@@ -213,7 +243,7 @@ def report(r: dict) -> str:
     s, f = r["step"], r["forward"]
     rows = [
         [
-            "inference step (1 token, 1 block)",
+            "inference step (1 token)",
             s["remote_ms"],
             s["local_ms"],
             s["ratio"],
@@ -221,7 +251,7 @@ def report(r: dict) -> str:
             "-",
         ],
         [
-            f"forward {tuple(f['shape'])}, 1 block",
+            f"forward {tuple(f['shape'])}",
             f["remote_ms"],
             f["local_ms"],
             f["ratio"],
@@ -230,10 +260,20 @@ def report(r: dict) -> str:
         ],
         ["Ping on the session stream", r["ping"]["stream_ping_ms"], "-", "-", "-", "-"],
     ]
-    return table(
-        f"5. one hop over libp2p (loopback) vs in-process, medians; stream open {r['stream_open_ms']:.1f} ms",
-        ["request", "stream ms", "in-process ms", "ratio", "overhead ms", "transfer MB/s"],
-        rows,
+    cpu = table(
+        "   CPU ms per inference step (server: idle use taken out)",
+        ["in-process compute", "server process", "server overhead", "client (node + codec)"],
+        [[s["local_cpu_ms"], s["server_cpu_ms"], s["server_overhead_cpu_ms"], s["client_cpu_ms"]]],
+    )
+    return (
+        table(
+            f"5. one hop over libp2p (loopback) vs in-process, {r['blocks']} block(s), medians; "
+            f"stream open {r['stream_open_ms']:.1f} ms",
+            ["request", "stream ms", "in-process ms", "ratio", "overhead ms", "transfer MB/s"],
+            rows,
+        )
+        + "\n"
+        + cpu
     )
 
 
@@ -247,6 +287,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--rounds", type=int, default=None, help="timed inference steps (default 200, quick 20)"
     )
+    parser.add_argument(
+        "--blocks", type=int, default=1, help="blocks the server holds and each request runs"
+    )
     parser.add_argument("--out", type=Path, help="write every figure to this JSON file")
     parser.add_argument(
         "--model-cache", type=Path, help="keep the generated checkpoint here between runs"
@@ -258,9 +301,10 @@ def main(argv: list[str] | None = None) -> None:
 
     setup_logging("WARNING")  # py-libp2p's routine errors stay quiet in this process too
     rounds = args.rounds or (20 if args.quick else 200)
+    blocks = args.blocks
     with tempfile.TemporaryDirectory(prefix="peerd-bench-hop-") as tmp:
         model_dir = model_dir_for(setup, args.model_cache or Path(tmp) / "models")
-        results = run(setup, model_dir, Path(tmp), rounds)
+        results = run(setup, model_dir, Path(tmp), rounds, blocks)
     results["date"] = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
     print(report(results))
     write_json(args.out, results)
