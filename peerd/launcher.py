@@ -191,6 +191,30 @@ class DaemonGroup:
     def start(self, name: str, *args: str, **kwargs) -> DaemonProcess:
         return self.spawn(name, *args, **kwargs).wait_ready()
 
+    def start_servers(
+        self, model_dir: Path, intervals: dict[str, str], bootstrap: DaemonProcess, *extra: str
+    ) -> dict[str, DaemonProcess]:
+        """`peerd serve` one daemon per {name: "A:B"} (started together), until each is online."""
+        servers = {
+            name: self.spawn(
+                name,
+                str(model_dir),
+                "--blocks",
+                blocks,
+                "--initial-peers",
+                bootstrap.addrs[0],
+                "--rebalance-period",
+                "0",
+                *extra,
+                command="serve",
+            )
+            for name, blocks in intervals.items()
+        }
+        for daemon in servers.values():
+            daemon.wait_ready()
+            daemon.wait_log("online: blocks")
+        return servers
+
     def stop_all(self) -> None:
         for d in self.daemons:
             if d.proc.poll() is None:
@@ -209,6 +233,19 @@ class DaemonGroup:
 
     def __exit__(self, *exc: object) -> None:
         self.stop_all()
+
+
+def wait_until_listed(peer, servers: int, timeout: float = 60.0) -> None:
+    """Wait until `peer` (a peerd.client.Peer) lists `servers` ONLINE servers of one model."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        models = peer.models()
+        if any(
+            sum(s["state"] == "ONLINE" for s in m["servers"]) >= servers for m in models.values()
+        ):
+            return
+        time.sleep(0.5)
+    raise DaemonFailed(f"fewer than {servers} servers listed ONLINE after {timeout:.0f} s")
 
 
 def _package_root() -> Path:

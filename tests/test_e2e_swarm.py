@@ -22,7 +22,7 @@ from click.testing import CliRunner
 
 from blocks import ClientParts, Span
 from peerd.client import AutoDistributedModelForCausalLM, Peer, PeerdError
-from peerd.launcher import DaemonGroup
+from peerd.launcher import DaemonGroup, wait_until_listed
 from tests.tiny_models import load_reference, make_tiny_model
 
 pytestmark = pytest.mark.slow
@@ -40,35 +40,9 @@ def swarm(tmp_path_factory):
     )
     with DaemonGroup(root / "homes", announce_period=5.0) as group:
         boot = group.start("boot", "--new-swarm")
-        servers = {
-            name: group.spawn(
-                name,
-                str(model_dir),
-                "--blocks",
-                blocks,
-                "--initial-peers",
-                boot.addrs[0],
-                "--rebalance-period",
-                "0",
-                command="serve",
-            )
-            for name, blocks in SERVERS.items()
-        }
-        for daemon in servers.values():
-            daemon.wait_ready()
-            daemon.wait_log("online: blocks")
+        servers = group.start_servers(model_dir, SERVERS, boot)
         peer = Peer(boot.socket, timeout=120)
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            models = peer.models()
-            if any(
-                sum(s["state"] == "ONLINE" for s in m["servers"]) == len(SERVERS)
-                for m in models.values()
-            ):
-                break
-            time.sleep(0.5)
-        else:
-            pytest.fail(f"the bootstrap never saw all servers: {peer.models()}")
+        wait_until_listed(peer, len(SERVERS))
         yield {
             "root": root,
             "model": model_dir,

@@ -18,7 +18,7 @@ import torch
 from blocks import ClientParts, Span
 from peerd.client import Peer
 from peerd.demo.tiny import TinyLlama, write_tiny_llama
-from peerd.launcher import DaemonGroup
+from peerd.launcher import DaemonGroup, wait_until_listed
 
 PROMPT = "A swarm is only as fast as"
 SERVERS = (("server-a", "0:4"), ("server-b", "4:8"), ("server-c", "4:8"))
@@ -63,27 +63,12 @@ def run_demo(
         echo("2. Starting a private swarm on 127.0.0.1: a bootstrap peer and three servers")
         boot = group.start("bootstrap", "--new-swarm")
         echo(f"   bootstrap {_short(boot.peer_id)} at {boot.addrs[0]}")
-        servers = {
-            name: group.spawn(
-                name,
-                str(model_dir),
-                "--blocks",
-                blocks,
-                "--initial-peers",
-                boot.addrs[0],
-                "--rebalance-period",
-                "0",
-                command="serve",
-            )
-            for name, blocks in SERVERS
-        }
-        for (name, blocks), daemon in zip(SERVERS, servers.values(), strict=False):
-            daemon.wait_ready()
-            daemon.wait_log("online: blocks")
+        servers = group.start_servers(model_dir, dict(SERVERS), boot)
+        for name, blocks in SERVERS:
             a, b = (int(x) for x in blocks.split(":"))
-            echo(f"   {name} {_short(daemon.peer_id)} serves blocks {a}..{b - 1}")
+            echo(f"   {name} {_short(servers[name].peer_id)} serves blocks {a}..{b - 1}")
         peer = Peer(boot.socket)
-        _wait_for_coverage(peer, len(SERVERS))
+        wait_until_listed(peer, len(SERVERS))
         by_peer = {d.peer_id: name for name, d in servers.items()}
 
         echo(f"3. Generating {new_tokens} tokens greedily after {PROMPT!r}")
@@ -129,16 +114,3 @@ def run_demo(
         echo("5. Stopping every process the demo started")
     echo(f"Done in {time.monotonic() - began:.0f} s.")
     return same
-
-
-def _wait_for_coverage(peer: Peer, servers: int, timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        models = peer.models()
-        if any(
-            len([s for s in m["servers"] if s["state"] == "ONLINE"]) >= servers
-            for m in models.values()
-        ):
-            return
-        time.sleep(0.5)
-    raise RuntimeError(f"the bootstrap did not see {servers} servers online within {timeout:.0f} s")
