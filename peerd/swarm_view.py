@@ -11,15 +11,13 @@ MIN_THROUGHPUT = 1e-3  # a record that announces no figure yet still routes, but
 
 
 def record_to_span(record: ServerRecord) -> ServerSpan:
-    """The routing view of one ONLINE server record."""
-    total = max(record.free_cache_tokens, 1)
+    """The routing view of one ONLINE server record (records carry no load figure yet)."""
     return ServerSpan(
         peer_id=record.peer_id,
         start=record.start,
         end=record.end,
         throughput=max(record.inference_throughput, MIN_THROUGHPUT),
         forward_throughput=max(record.forward_throughput, MIN_THROUGHPUT),
-        load=0.0 if total > 0 else 1.0,
         next_rtts=dict(record.next_rtts),
     )
 
