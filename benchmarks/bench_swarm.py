@@ -72,11 +72,13 @@ def session_generate(
     prompt: list[int],
     new_tokens: int,
     on_step: Callable[[int, ChainSession], None] | None = None,
+    cpu: CpuMeter | None = None,
 ) -> Generation:
     """Greedy generation with the head here and the blocks through a `ChainSession`.
 
     Times count from the first step (the chain's open is reported apart, as `open_s`).
     `on_step(step)` runs just before step `step` (the recovery benchmark kills a server there).
+    `cpu` measures the one-token steps only (from the second step to the last).
     """
     parts = local.parts
     t_open = time.perf_counter()
@@ -92,6 +94,8 @@ def session_generate(
             for step in range(new_tokens):
                 if on_step is not None:
                     on_step(step, session)
+                if cpu is not None and step == 1:
+                    cpu.start()
                 t0 = time.perf_counter()
                 out = session.step(hidden)
                 t1 = time.perf_counter()
@@ -105,6 +109,8 @@ def session_generate(
                 embed_s.append(time.perf_counter() - t2)
                 request_s.append(t1 - t0)
                 head_s.append(t2 - t1)
+        if cpu is not None:
+            cpu.stop()
         total = time.perf_counter() - began
         extra = {
             "open_s": opened,
@@ -118,8 +124,11 @@ def session_generate(
     return Generation(tokens, times, total, extra)
 
 
-def daemon_generate(peer: Peer, model_dir: Path, prompt: list[int], new_tokens: int) -> Generation:
-    """Greedy generation done by the daemon (`Generate`), tokens streamed back; times from the request."""
+def daemon_generate(
+    peer: Peer, model_dir: Path, prompt: list[int], new_tokens: int, cpu: CpuMeter | None = None
+) -> Generation:
+    """Greedy generation done by the daemon (`Generate`), tokens streamed back; times from the
+    request. `cpu` measures from the first token to the last (the one-token steps only)."""
     request = api.Generate(
         model=str(model_dir), input_ids=prompt, max_new_tokens=new_tokens, temperature=0.0
     )
@@ -131,6 +140,10 @@ def daemon_generate(peer: Peer, model_dir: Path, prompt: list[int], new_tokens: 
         if isinstance(event, api.GeneratedToken):
             tokens.append(event.token_id)
             times.append(time.perf_counter() - began)
+            if cpu is not None and len(tokens) == 1:
+                cpu.start()
+            if cpu is not None and len(tokens) == new_tokens:
+                cpu.stop()
         else:
             done = event
     total = time.perf_counter() - began
@@ -139,6 +152,22 @@ def daemon_generate(peer: Peer, model_dir: Path, prompt: list[int], new_tokens: 
         "first_token_s": times[0] if times else None,
     }
     return Generation(tokens, times, total, extra)
+
+
+class CpuMeter:
+    """CPU seconds each daemon (and this process) used between `start` and `stop`."""
+
+    def __init__(self, swarm: Swarm) -> None:
+        self.swarm = swarm
+        self.used: dict[str, float] = {}
+
+    def start(self) -> None:
+        self._before = self.swarm.cpu_snapshot()
+        self._client = time.process_time()
+
+    def stop(self) -> None:
+        self.used = cpu_delta(self._before, self.swarm.cpu_snapshot())
+        self.used["client (this process)"] = time.process_time() - self._client
 
 
 def socket_ping_ms(peer: Peer, rounds: int = 200) -> float:
@@ -179,17 +208,24 @@ def bench_inference(
 ) -> dict:
     peer, model_dir, n = swarm.peer, swarm.model_dir, setup.new_tokens
     runs = {"local": [], "session": [], "generate": []}
+    cpu = CpuMeter(swarm)
+
+    def local_run() -> Generation:
+        cpu.start()
+        g = local.generate(prompt, n)
+        cpu.stop()
+        return g
+
     kinds = {
-        "local": lambda: local.generate(prompt, n),
-        "session": lambda: session_generate(peer, local, model_dir, prompt, n),
-        "generate": lambda: daemon_generate(peer, model_dir, prompt, n),
+        "local": local_run,
+        "session": lambda: session_generate(peer, local, model_dir, prompt, n, cpu=cpu),
+        "generate": lambda: daemon_generate(peer, model_dir, prompt, n, cpu=cpu),
     }
     for rep in range(setup.warmup + setup.runs):  # round-robin: machine load hits all three alike
         for name, fn in kinds.items():
-            before, client_before = swarm.cpu_snapshot(), time.process_time()
             g = fn()
-            g.extra["cpu_s"] = cpu_delta(before, swarm.cpu_snapshot())
-            g.extra["cpu_s"]["client (this process)"] = time.process_time() - client_before
+            steps = n if name == "local" else n - 1  # the swarm paths: one-token steps only
+            g.extra["cpu_ms_per_step"] = {k: v / steps * 1e3 for k, v in cpu.used.items()}
             if rep >= setup.warmup:
                 runs[name].append(g)
             print(
@@ -217,8 +253,8 @@ def bench_inference(
             "runs_steps_per_s": [g.steps_per_s for g in gens],
             "same_tokens": all(g.tokens == reference for g in gens),
             "cpu_ms_per_step": {
-                k: median(g.extra["cpu_s"].get(k, 0.0) for g in gens) / n * 1e3
-                for k in gens[0].extra["cpu_s"]
+                k: median(g.extra["cpu_ms_per_step"].get(k, 0.0) for g in gens)
+                for k in gens[0].extra["cpu_ms_per_step"]
             },
         }
     out["idle_cpu_percent"] = idle_cpu
@@ -617,7 +653,8 @@ def report(results: dict) -> str:
         ]
         parts.append(
             table(
-                "1. sequential inference (128 new tokens, greedy; ratio = swarm / local, target >= 0.90)",
+                f"1. sequential inference ({results['setup']['new_tokens']} new tokens, greedy; "
+                "ratio = swarm / local, target >= 0.90)",
                 [
                     "path",
                     "steps/s",
@@ -657,7 +694,7 @@ def report(results: dict) -> str:
         procs = list(r["session"]["cpu_ms_per_step"])
         parts.append(
             table(
-                "   CPU ms per generated token, by process (the in-process blocks: "
+                "   CPU ms per one-token step, by process (the in-process blocks: "
                 + ", ".join(f"{x:.1f}" for x in p["local_step_per_span_cpu_ms"])
                 + " ms per span); idle CPU % over "
                 + f"{IDLE_WINDOW_S:.0f} s after the runs",
