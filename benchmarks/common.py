@@ -79,6 +79,7 @@ QUICK = Setup(
     new_tokens=16,
     runs=1,
     seq_len=32,
+    announce_period=5.0,  # dead servers' records expire sooner: shorter waits in the recovery runs
 )
 
 
