@@ -9,9 +9,11 @@ remote call, the same compute runs here on the same weights (block 0, one torch 
   round trip over the stream vs in-process `Span.step` (ratio, and the overhead in ms);
 - the same stream's floor: a `Ping` frame answered by the server's session loop;
 - forward: a (1, 128, hidden) float32 tensor through one block; besides the ratio, the
-  per-hop transfer rate in MB/s = bytes both ways / (round trip - in-process compute).
+  per-hop transfer rate in MB/s = bytes both ways / (round trip - in-process compute);
+- CPU per step: the server process's (from /proc, its idle use taken out) and this client's,
+  beside the in-process compute's.
 
-    python -m benchmarks.bench_hop [--quick] [--rounds 100] [--out results.json]
+    python -m benchmarks.bench_hop [--quick] [--rounds 200] [--blocks 1] [--out results.json]
 """
 
 from __future__ import annotations

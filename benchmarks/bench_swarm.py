@@ -12,11 +12,16 @@ Four figures, each a ratio against a baseline measured in the same run:
    cost of importing torch + libp2p alone, with the time split by the daemon's log lines;
 4. recovery: the extra seconds a kill -9 of the 4:8 server used by the chain costs a
    128-token generation when a spare holds 4:8 too, killed between two steps and in the
-   middle of one, against the same generation without failure; the failure's detection time
-   and the replay's compute (measured locally) beside it.
+   middle of one (while the middle server computes); the cost is the failing step's excess
+   over a normal step, beside the failure's detection time and the replay's compute
+   (measured here). Each failure starts once the previous victim's record has expired.
+
+Beside the ratios: where a session step's time goes (in-process compute per span, the
+socket's round trip, the per-hop rest) and each daemon's CPU per one-token step (from /proc).
+`--profile DIR` instead runs the bootstrap and the middle server under cProfile.
 
     python -m benchmarks.bench_swarm [--quick] [--only inference,forward,startup,recovery]
-                                     [--out results.json] [--model-cache DIR]
+                                     [--out results.json] [--model-cache DIR] [--profile DIR]
 """
 
 from __future__ import annotations
