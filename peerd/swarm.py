@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import trio
-import trio.testing
 
 from peerd.framed import FramedChannel, Libp2pByteStream, TrioByteStream
 from peerd.records import ServerRecord
@@ -97,7 +96,9 @@ class SwarmAccess:
 
     async def connect(self, peer_id: str, protocol: str) -> FramedChannel:
         if peer_id == self.node.peer_id and protocol in self.local_handlers and self._nursery:
-            ours, theirs = trio.testing.memory_stream_pair()
+            from trio.testing import memory_stream_pair  # lazily: it imports pytest
+
+            ours, theirs = memory_stream_pair()
             handler = self.local_handlers[protocol]
             self._nursery.start_soon(handler, FramedChannel(TrioByteStream(theirs), self.max_frame))
             return FramedChannel(TrioByteStream(ours), self.max_frame)
