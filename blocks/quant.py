@@ -61,6 +61,11 @@ def _bnb_linear(bnb, linear: nn.Linear, quant: str) -> nn.Module:
         layer.weight = bnb.nn.Params4bit(
             weight, requires_grad=False, compress_statistics=True, quant_type="nf4"
         )
+        # On CPUs with AVX512-BF16, bnb >= 0.49 repacks the weight at the first no-grad forward
+        # and from then on computes in bfloat16 (~1e-2 error on top of NF4's) with a kernel that
+        # has no autograd (gradients through it are silently wrong) and that refuses shapes not
+        # divisible by its tile. Keep the dequantize-then-matmul path, exact and differentiable.
+        layer.support_avx512bf16_for_cpu = False
     if has_bias:
         layer.bias = nn.Parameter(linear.bias.data, requires_grad=False)
     return layer
