@@ -5,16 +5,18 @@ file for the algorithm.
 """
 
 from balancing.choose import canonical_plan, choose_blocks, settle
-from balancing.move import DEFAULT_MIN_GAIN, should_move
+from balancing.move import DEFAULT_MAX_DEFERRALS, DEFAULT_MIN_GAIN, first_mover, should_move
 from balancing.swarm import Span, SwarmEntry, block_throughputs, swarm_throughput
 
 __all__ = [
+    "DEFAULT_MAX_DEFERRALS",
     "DEFAULT_MIN_GAIN",
     "Span",
     "SwarmEntry",
     "block_throughputs",
     "canonical_plan",
     "choose_blocks",
+    "first_mover",
     "settle",
     "should_move",
     "swarm_throughput",

@@ -38,6 +38,9 @@ DEFAULT_MIN_GAIN = 0.1
 DEFAULT_LOOKAHEAD_ROUNDS = 8
 # Re-planning moves many servers, so the plan must beat what greedy moves reach by this much.
 DEFAULT_REPLAN_GAIN = 0.1
+# Rounds a server that should move lets another one (with a smaller peer id) move first before
+# it moves anyway (that one may not rebalance at all).
+DEFAULT_MAX_DEFERRALS = 4
 # A re-planning move that leaves blocks unserved for a while (the mover was their only
 # server) is made only when the plan beats the current swarm by this much.
 DEFAULT_GAP_GAIN = 0.5
@@ -85,6 +88,22 @@ def should_move(
     if greedy and bottleneck_gain(now, settled, min_gain):
         return True, (best, best + mine.num_blocks)
     return False, current
+
+
+def first_mover(
+    num_blocks: int, swarm: Iterable[Span], min_gain: float = DEFAULT_MIN_GAIN
+) -> str | None:
+    """Of the servers of `swarm` that should move now, the one that moves this round.
+
+    Servers that see the same swarm reach the same verdicts, so several of them (two that
+    picked the same blocks at the same moment, say) would move together, the same way, and
+    undo it together for ever. Progress is guaranteed for moves made one at a time, so only
+    the server with the smallest peer id moves; the others see its move next round. None
+    when nobody should move.
+    """
+    everyone = list(swarm)
+    movers = [e.peer_id for e in everyone if should_move(num_blocks, everyone, e, min_gain)[0]]
+    return min(movers, default=None)
 
 
 def _planned_start(plan: list[SwarmEntry], mine: SwarmEntry) -> int:

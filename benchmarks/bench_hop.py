@@ -42,10 +42,11 @@ from benchmarks.common import (
 )
 from blocks import Span
 from peerd.config import NodeConfig
-from peerd.launcher import DaemonGroup, DaemonProcess
 from peerd.node import Node
 from peerd.server.block_server import INFERENCE_PROTOCOL, RPC_PROTOCOL
 from peerd.swarm import SwarmAccess
+from tests.launcher import DaemonProcess
+from tests.launcher import HarnessGroup as DaemonGroup
 
 CONTEXT = 64  # tokens already in the KV cache when the one-token steps are timed
 IDLE_S = 2.0  # how long the idle server's background CPU use is measured
@@ -233,7 +234,7 @@ def run(setup: Setup, model_dir: Path, workdir: Path, rounds: int, blocks: int =
             "0",
             command="serve",
         )
-        server.wait_log("online: blocks")
+        server.wait_online()
         results.update(
             trio.run(measure, workdir / "hop-client", server, span, rounds, setup.seq_len)
         )

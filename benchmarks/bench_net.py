@@ -89,7 +89,7 @@ def node_config(home: Path, **kw):
 async def role_relay(home: Path) -> None:
     from peerd.node import Node
 
-    node = Node(node_config(home, new_swarm=True), out=None)
+    node = Node(node_config(home, new_swarm=True))
     async with trio.open_nursery() as nursery:
         await nursery.start(node.run)
         print(json.dumps({"addrs": [str(a) for a in node.host.get_addrs()]}), flush=True)
@@ -99,7 +99,7 @@ async def role_relay(home: Path) -> None:
 async def role_target(home: Path, initial: str) -> None:
     from peerd.node import Node
 
-    node = Node(node_config(home, initial_peers=[initial], reachability="private"), out=None)
+    node = Node(node_config(home, initial_peers=[initial], reachability="private"))
 
     async def handler(stream) -> None:
         await echo_loop(framed_libp2p(stream))
@@ -166,7 +166,7 @@ async def client(home: Path, relay: dict, target: dict, rounds: int, big: int) -
 
     from peerd.node import Node
 
-    node = Node(node_config(home, initial_peers=[relay["addrs"][0]]), out=None)
+    node = Node(node_config(home, initial_peers=[relay["addrs"][0]]))
     results: dict = {}
     async with trio.open_nursery() as nursery:
         await nursery.start(node.run)

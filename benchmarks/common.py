@@ -27,7 +27,8 @@ import torch
 from blocks import ClientParts, Span
 from peerd.client import Peer
 from peerd.demo.tiny import TinyLlama, write_tiny_llama
-from peerd.launcher import DaemonGroup, DaemonProcess
+from tests.launcher import DaemonProcess
+from tests.launcher import HarnessGroup as DaemonGroup
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -299,7 +300,7 @@ class Swarm:
     def wait_online(self, daemon: DaemonProcess, timeout: float = 120.0) -> None:
         """Until the bootstrap's socket lists the server as ONLINE (what a client sees)."""
         daemon.wait_ready(timeout)
-        daemon.wait_log("online: blocks", timeout)
+        daemon.wait_online(timeout)
         deadline = time.monotonic() + timeout
         while daemon.peer_id not in self.online_peers():
             if time.monotonic() > deadline:
@@ -334,37 +335,9 @@ def spawn_profiled(
     cProfile sees the trio thread only: what is left is the event loop's own work, with the
     compute (worker threads) showing up as time waiting in the loop.
     """
-    home = group.root / name
-    home.mkdir(parents=True, exist_ok=True)
     out.parent.mkdir(parents=True, exist_ok=True)
-    log_path = home / f"{name}-{len(group.daemons)}.log"
-    cmd = [sys.executable, "-m", "cProfile", "-o", str(out), "-m", "cli.main", command]
-    cmd += ["--home", str(home), "--host", "127.0.0.1"]
-    cmd += ["--announce-period", str(group.announce_period), *args]
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(
-            cmd,
-            cwd=REPO,
-            stdout=subprocess.PIPE,
-            stderr=log,
-            stdin=subprocess.DEVNULL,
-            env=python_env(group.threads or 1),
-            text=True,
-        )
-    daemon = DaemonProcess(name=name, proc=proc, home=home, log_path=log_path)
-    threading.Thread(target=_pump, args=(proc, daemon.lines), daemon=True).start()
-    group.daemons.append(daemon)  # the group stops it like its own
-    return daemon
-
-
-def _pump(proc: subprocess.Popen, lines: queue.Queue) -> None:
-    assert proc.stdout is not None
-    try:
-        for line in proc.stdout:
-            lines.put(line)
-    except ValueError:  # closed while reading
-        pass
-    lines.put(None)
+    profiler = [sys.executable, "-m", "cProfile", "-o", str(out)]
+    return group.spawn(name, *args, command=command, interpreter=profiler)
 
 
 def cpu_seconds(pid: int) -> float | None:

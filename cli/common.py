@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -11,7 +11,8 @@ import click
 
 if TYPE_CHECKING:  # heavy imports stay inside the commands
     from peerd.config import NodeConfig
-    from peerd.node import Node
+    from peerd.daemon import Daemon
+    from peerd.node import NodeInfo
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 
@@ -152,13 +153,23 @@ def check_peer_addr(text: str) -> None:
         )
 
 
-def run_node(
-    node: Node, log_level: str, main: Callable[[Node], Awaitable[None]] | None = None
-) -> None:
-    """Run `node` until SIGINT/SIGTERM, then shut it down gracefully (exit status 0).
+def banner(info: NodeInfo) -> str:
+    """What a daemon prints at start for the person who started it (nothing parses it)."""
+    lines = [f"Peer id: {info.peer_id}", "Listening on:"] + [f"  {a}" for a in info.addrs]
+    if info.relay_addrs:
+        lines += ["Reachable through relays at:"] + [f"  {a}" for a in info.relay_addrs]
+    if info.new_swarm:
+        lines += [
+            "Started a new swarm. Others join it with:",
+            f"  peerd join --initial-peers {' '.join(info.joinable)}",
+        ]
+    mode = "reachable" if info.reachable else "behind NAT/firewall"
+    lines.append(f"Ready ({mode}; DHT {'server' if info.reachable else 'client'} mode).")
+    return "\n".join(lines)
 
-    `main(node)`, when given, runs once the node is ready (in the node's owner nursery).
-    """
+
+def run_daemon(daemon: Daemon, log_level: str) -> None:
+    """Run `daemon` until SIGINT/SIGTERM, then shut it down gracefully (exit status 0)."""
     import logging
     import signal
 
@@ -172,12 +183,11 @@ def run_node(
     async def _main() -> None:
         async with trio.open_nursery() as nursery:
             with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-                await nursery.start(node.run)
-                if main is not None:
-                    nursery.start_soon(main, node)
+                await nursery.start(daemon.run)
+                click.echo(banner(daemon.node.info()))
                 async for signum in signals:
                     logging.getLogger("peerd").info("received %s", signal.Signals(signum).name)
-                    await node.shutdown()
+                    await daemon.shutdown()
                     nursery.cancel_scope.cancel()
                     break
 

@@ -7,7 +7,7 @@ from typing import Any
 
 import click
 
-from cli.common import network_options, node_config, run_node
+from cli.common import network_options, node_config, run_daemon
 
 
 @click.command()
@@ -39,7 +39,7 @@ def join(test_record: str | None, socket_path: Path | None, **opts: Any) -> None
     node = daemon.node
     if test_record:
         node.set_record_provider(_fake_record_provider(node, test_record))
-    run_node(node, opts["log_level"])
+    run_daemon(daemon, opts["log_level"])
 
 
 def _fake_record_provider(node: Any, spec: str) -> Any:

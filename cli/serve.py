@@ -7,7 +7,7 @@ from typing import Any
 
 import click
 
-from cli.common import network_options, node_config, run_node
+from cli.common import network_options, node_config, run_daemon
 
 
 def _parse_blocks(ctx: click.Context, param: click.Parameter, value: str | None):
@@ -109,7 +109,7 @@ def serve(model: Path, **opts: Any) -> None:
     """Serve blocks of MODEL (an HF-format checkpoint directory) to the swarm."""
     from peerd.daemon import Daemon
     from peerd.server.limits import ServerLimits
-    from peerd.serving import ServeOptions
+    from peerd.server.service import ServeOptions
 
     _check_model(model, opts["blocks"])
     device = opts["device"] or (f"cuda:{opts['gpu']}" if opts["gpu"] is not None else "cpu")
@@ -145,7 +145,7 @@ def serve(model: Path, **opts: Any) -> None:
         serve=serve_options,
         max_frame=limits.max_frame,
     )
-    run_node(daemon.node, opts["log_level"])
+    run_daemon(daemon, opts["log_level"])
 
 
 def _check_model(model: Path, blocks: tuple[int, int] | None) -> None:

@@ -17,7 +17,8 @@ from pathlib import Path
 
 import trio
 
-from peerd.launcher import DaemonFailed, DaemonGroup, DaemonProcess
+from tests.launcher import DaemonFailed, DaemonProcess
+from tests.launcher import HarnessGroup as DaemonGroup
 
 Daemon = DaemonProcess
 REPO = Path(__file__).resolve().parents[1]
@@ -39,7 +40,7 @@ def run_with_node(config, body, *, timeout: float = 60.0):
     from peerd.node import Node
 
     async def main():
-        node = Node(config, out=None)
+        node = Node(config)
         with trio.fail_after(timeout):
             async with trio.open_nursery() as nursery:
                 await nursery.start(node.run)

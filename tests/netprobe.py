@@ -27,7 +27,7 @@ async def probe(args: argparse.Namespace) -> dict:
         initial_peers=[args.initial_peers],
         announce_period=args.period,
     )
-    node = Node(config, out=None)
+    node = Node(config)
     out: dict = {}
     with trio.fail_after(args.timeout):
         async with trio.open_nursery() as nursery:

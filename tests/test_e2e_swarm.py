@@ -22,7 +22,8 @@ from click.testing import CliRunner
 
 from blocks import ClientParts, Span
 from peerd.client import AutoDistributedModelForCausalLM, Peer, PeerdError
-from peerd.launcher import DaemonGroup, wait_until_listed
+from tests.launcher import HarnessGroup as DaemonGroup
+from tests.launcher import wait_until_listed
 from tests.tiny_models import load_reference, make_tiny_model
 
 pytestmark = pytest.mark.slow

@@ -93,7 +93,7 @@ def test_peer_behind_firewall_is_reached_through_a_relay(namespaces, tmp_path):
             netns=names["c"],
             host="127.0.0.1",
         )
-        assert server.relay_addrs, f"no relayed address printed:\n{server.stdout}"
+        assert server.relay_addrs, f"no relayed address in the ready file:\n{server.log_tail()}"
         assert all("/p2p-circuit/" in a and relay.peer_id in a for a in server.relay_addrs)
         assert "reservation on relay" in server.log_path.read_text()
 

@@ -28,9 +28,9 @@ from blocks import Span, checkpoint_fingerprint
 from peerd.config import NodeConfig
 from peerd.demo.tiny import TinyLlama, write_tiny_llama
 from peerd.framed import ConnectionLost, FramedChannel, Libp2pByteStream
-from peerd.launcher import DaemonGroup
 from peerd.records import ServerRecord, State
 from peerd.server.block_server import INFERENCE_PROTOCOL, RPC_PROTOCOL
+from tests.launcher import HarnessGroup as DaemonGroup
 from tests.netharness import run_with_node, wait_for
 
 pytestmark = pytest.mark.slow
@@ -77,7 +77,7 @@ def swarm(tmp_path_factory):
         )  # fmt: skip
         for daemon in [*servers.values(), limits]:
             daemon.wait_ready()
-            daemon.wait_log("online: blocks")
+            daemon.wait_online()
         yield {
             "root": root,
             "boot": boot,

@@ -17,8 +17,8 @@ import torch
 
 from blocks import ClientParts, Span
 from peerd.client import Peer
+from peerd.demo.processes import DaemonGroup, wait_until_listed
 from peerd.demo.tiny import TinyLlama, write_tiny_llama
-from peerd.launcher import DaemonGroup, wait_until_listed
 
 PROMPT = "A swarm is only as fast as"
 SERVERS = (("server-a", "0:4"), ("server-b", "4:8"), ("server-c", "4:8"))

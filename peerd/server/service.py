@@ -9,33 +9,37 @@ ONLINE → every rebalance period, ask `should_move` and move when the swarm gai
 from __future__ import annotations
 
 import logging
-import os
 import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
 import trio
 
 import wire
-from balancing import DEFAULT_MIN_GAIN, SwarmEntry, choose_blocks, should_move
+from balancing import (
+    DEFAULT_MAX_DEFERRALS,
+    DEFAULT_MIN_GAIN,
+    SwarmEntry,
+    choose_blocks,
+    first_mover,
+    should_move,
+)
 from blocks import ModelConfig, Span, checkpoint_fingerprint, load_config, measure_throughput
 from peerd.framed import FramedChannel, Libp2pByteStream
 from peerd.records import ServerRecord, State
 from peerd.server.block_server import INFERENCE_PROTOCOL, RPC_PROTOCOL, BlockServer
 from peerd.server.limits import ServerLimits
+from peerd.server.memory import blocks_that_fit
 from peerd.swarm import SwarmAccess
 
 log = logging.getLogger("peerd.serve")
 
-BYTES_PER_PARAM = {"none": None, "int8": 1.0, "nf4": 0.56}
-MEMORY_HEADROOM = 0.8  # use at most this share of free memory for weights and cache
 NEXT_RTT_PEERS = 8
 RTT_FIRST_DELAY = 5.0
 RTT_PERIOD = 60.0
 INFO_TIMEOUT = 5.0  # seconds to wait for a server's own word on its blocks
-MAX_DEFERRALS = 4  # rebalancing rounds we let a server with a smaller id move first
 
 
 @dataclass
@@ -68,6 +72,7 @@ class BlockService:
         self.throughput: dict = {}
         self.next_rtts: dict[str, float] = {}
         self.online = trio.Event()
+        self.on_change: Callable[[], None] = lambda: None  # state or interval changed
         self._deferrals = 0
 
     # ----- the record ------------------------------------------------------------------
@@ -91,6 +96,13 @@ class BlockService:
             next_rtts=dict(self.next_rtts),
         )
 
+    def summary(self) -> dict | None:
+        """What the ready file says we serve: model id, blocks and state."""
+        if self.interval is None:
+            return None
+        start, end = self.interval
+        return {"model_id": self.model_id, "start": start, "end": end, "state": self.state.value}
+
     # ----- running ---------------------------------------------------------------------
     async def run(self, node) -> None:  # a Node service
         opts = self.options
@@ -111,11 +123,13 @@ class BlockService:
         opts, total = self.options, self.config.num_blocks
         if opts.blocks is not None:
             return opts.blocks
-        size = opts.num_blocks or self._blocks_that_fit()
+        size = opts.num_blocks or blocks_that_fit(self.config, opts)
         size = max(1, min(size, total))
         swarm = await self._swarm_entries()
         start, end = choose_blocks(total, swarm, size, self._my_throughput_guess(swarm))
-        log.info("chose blocks %d:%d of %d (swarm has %d other servers)", start, end, total, len(swarm))
+        log.info(
+            "chose blocks %d:%d of %d (swarm has %d other servers)", start, end, total, len(swarm)
+        )
         return start, end
 
     async def _swarm_entries(self) -> list[SwarmEntry]:
@@ -138,32 +152,29 @@ class BlockService:
             return float(self.throughput["block_inference_steps_per_s"])
         return sorted(e.throughput for e in swarm)[len(swarm) // 2] if swarm else 1.0
 
-    def _blocks_that_fit(self) -> int:
-        """How many blocks fit in free memory after reserving the KV-cache budget."""
-        opts = self.options
-        device = torch.device(opts.device)
-        if device.type == "cuda":
-            free, _ = torch.cuda.mem_get_info(device)
-        else:
-            free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-        per_block = _block_bytes(self.config, opts.dtype, opts.quant)
-        cache = opts.limits.cache_tokens * _cache_bytes_per_token_per_block(self.config, opts.dtype)
-        fit = int(free * MEMORY_HEADROOM // (per_block + cache))
-        log.info(
-            "%.1f GiB free: room for %d blocks of %.0f MiB (+ %.0f MiB cache each)",
-            free / 2**30, fit, per_block / 2**20, cache / 2**20,
-        )
-        return max(1, fit)
-
     async def _load_and_serve(self, interval: tuple[int, int]) -> None:
         opts = self.options
         self.interval, self.state = interval, State.JOINING
         self.swarm.node.request_announce()
+        self.on_change()
         start, end = interval
         began = time.monotonic()
-        log.info("loading blocks %d:%d of %s (%s, quant %s, %s)", start, end, self.model_id, opts.dtype, opts.quant, opts.device)
+        log.info(
+            "loading blocks %d:%d of %s (%s, quant %s, %s)",
+            start,
+            end,
+            self.model_id,
+            opts.dtype,
+            opts.quant,
+            opts.device,
+        )
         span = await trio.to_thread.run_sync(lambda: self._load_span(start, end))
-        log.info("loaded %d blocks (%.0f MiB) in %.1f s", end - start, span.nbytes / 2**20, time.monotonic() - began)
+        log.info(
+            "loaded %d blocks (%.0f MiB) in %.1f s",
+            end - start,
+            span.nbytes / 2**20,
+            time.monotonic() - began,
+        )
         self.throughput = await trio.to_thread.run_sync(
             lambda: measure_throughput(span, self.swarm.cache_dir, self.model_id)
         )
@@ -172,9 +183,13 @@ class BlockService:
         self.state = State.ONLINE
         self.swarm.node.request_announce()
         self.online.set()
+        self.on_change()
         log.info(
             "online: blocks %d:%d, %.1f inference steps/s per block, %d cache tokens",
-            start, end, self.throughput.get("block_inference_steps_per_s", 0.0), server.budget.capacity,
+            start,
+            end,
+            self.throughput.get("block_inference_steps_per_s", 0.0),
+            server.budget.capacity,
         )
 
     def _load_span(self, start: int, end: int) -> Span:
@@ -182,9 +197,16 @@ class BlockService:
         from tqdm import tqdm
 
         opts = self.options
-        with tqdm(total=end - start, desc=f"loading blocks {start}:{end}", unit="block", leave=False) as bar:
+        with tqdm(
+            total=end - start, desc=f"loading blocks {start}:{end}", unit="block", leave=False
+        ) as bar:
             return Span.load(
-                opts.model_path, start, end, dtype=opts.dtype, quant=opts.quant, device=opts.device,
+                opts.model_path,
+                start,
+                end,
+                dtype=opts.dtype,
+                quant=opts.quant,
+                device=opts.device,
                 progress=lambda _: bar.update(1),
             )
 
@@ -198,15 +220,21 @@ class BlockService:
         max_frame = self.options.limits.max_frame
 
         async def inference(stream) -> None:
-            await _contained(self.server.handle_inference, FramedChannel(Libp2pByteStream(stream), max_frame))
+            await _contained(
+                self.server.handle_inference, FramedChannel(Libp2pByteStream(stream), max_frame)
+            )
 
         async def rpc(stream) -> None:
-            await _contained(self.server.handle_rpc, FramedChannel(Libp2pByteStream(stream), max_frame))
+            await _contained(
+                self.server.handle_rpc, FramedChannel(Libp2pByteStream(stream), max_frame)
+            )
 
         node = self.swarm.node
         node.set_stream_handler(INFERENCE_PROTOCOL, inference)
         node.set_stream_handler(RPC_PROTOCOL, rpc)
-        self.swarm.local_handlers[INFERENCE_PROTOCOL] = lambda ch: _contained(self.server.handle_inference, ch)
+        self.swarm.local_handlers[INFERENCE_PROTOCOL] = lambda ch: _contained(
+            self.server.handle_inference, ch
+        )
         self.swarm.local_handlers[RPC_PROTOCOL] = lambda ch: _contained(self.server.handle_rpc, ch)
 
     async def _rtt_loop(self) -> None:
@@ -242,15 +270,8 @@ class BlockService:
             await self._load_and_serve(new)
 
     async def _wanted_move(self) -> tuple[int, int] | None:
-        """The interval `should_move` sends us to now, or None to stay.
-
-        Servers that see the same swarm reach the same verdicts, so several of them (two that
-        picked the same blocks at the same moment, say) would move together, the same way, and
-        undo it together for ever. `balancing` guarantees progress for moves made one at a
-        time: of the servers that should move, only the one with the smallest peer id does
-        this round; the others see its move (announced as JOINING at once) next round. After
-        MAX_DEFERRALS rounds we move anyway (that server may not rebalance at all).
-        """
+        """The interval `should_move` sends us to now, or None to stay (balancing's
+        `first_mover` rule decides which of several servers that should move goes first)."""
         if self.interval is None:
             return None
         others = await self._swarm_entries()
@@ -268,11 +289,8 @@ class BlockService:
         move, new = should_move(total, everyone, me, min_gain)
         if not move:
             return None
-        first = min(
-            (e.peer_id for e in others if should_move(total, everyone, e, min_gain)[0]),
-            default=None,
-        )
-        if first is not None and first < me.peer_id and self._deferrals < MAX_DEFERRALS:
+        first = first_mover(total, everyone, min_gain)
+        if first is not None and first < me.peer_id and self._deferrals < DEFAULT_MAX_DEFERRALS:
             self._deferrals += 1
             log.info("rebalancing: blocks %d:%d would help more; %s moves first", *new, first)
             return None
@@ -324,7 +342,11 @@ class BlockService:
             return
         end = self.interval[1]
         records = await self.swarm.list_servers(self.model_id)
-        nexts = [r.peer_id for r in records if r.start <= end < r.end and r.peer_id != self.swarm.node.peer_id]
+        nexts = [
+            r.peer_id
+            for r in records
+            if r.start <= end < r.end and r.peer_id != self.swarm.node.peer_id
+        ]
         self.next_rtts = await self.swarm.probe_rtts(nexts[:NEXT_RTT_PEERS])
 
 
@@ -336,18 +358,3 @@ async def _contained(handler, channel: FramedChannel) -> None:
         log.exception("request handler failed")
         with trio.move_on_after(1):
             await channel.aclose()
-
-
-def _block_bytes(config: ModelConfig, dtype: str, quant: str) -> float:
-    from blocks.families import family_of
-
-    with torch.device("meta"):
-        block = family_of(config).Block(config)
-    params = sum(p.numel() for p in block.parameters())
-    per_param = BYTES_PER_PARAM.get(quant) or torch.empty((), dtype=getattr(torch, dtype)).element_size()
-    return params * per_param
-
-
-def _cache_bytes_per_token_per_block(config: ModelConfig, dtype: str) -> int:
-    element = torch.empty((), dtype=getattr(torch, dtype)).element_size()
-    return 2 * config.num_kv_heads * config.head_dim * element
