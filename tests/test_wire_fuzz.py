@@ -88,7 +88,7 @@ def _receive(payload: bytes) -> None:
     try:
         message = parse_message(decode_payload(payload))
     except WireError as exc:
-        assert exc.code in wire.ErrorCode.ALL and exc.message
+        assert exc.code in wire.ALL_CODES and exc.message
         return
     _resend(message)
 

@@ -15,7 +15,7 @@ Receiving: n = parse_header(four_bytes, max_frame); then read n bytes;
 
 from typing import Any
 
-from .errors import ErrorCode, WireError
+from .errors import ALL_CODES, ErrorCode, WireError
 from .fields import Flag, Int, Maybe, PlainMap, Spec, TensorSpec, Text, wired
 from .framing import (
     DEFAULT_MAX_FRAME,
@@ -69,6 +69,7 @@ def __getattr__(name: str) -> Any:
 
 
 __all__ = [
+    "ALL_CODES",
     "COMPRESSIONS",
     "DEFAULT_MAX_FRAME",
     "DTYPES",

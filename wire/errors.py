@@ -7,19 +7,21 @@ structured `Error` and keep serving everyone else.
 
 from __future__ import annotations
 
+from enum import Enum
 from typing import Any
 
 
-class ErrorCode:
-    """Error codes as plain strings, the same on the wire and in Python.
+class ErrorCode(str, Enum):
+    """Every error code peers and scripts exchange; a member *is* its string on the wire.
 
     A peer may receive a code it does not know (a newer peer added it); it must treat it as a
-    generic failure rather than a malformed message, so `Error.code` accepts any identifier.
+    generic failure rather than a malformed message, so `Error.code` accepts any identifier
+    and `WireError.code` keeps an unknown one as a plain string.
     """
 
     BAD_REQUEST = "bad_request"  # malformed frame, tensor or message (any field out of its range)
     UNSUPPORTED_VERSION = "unsupported_version"  # message "v" we do not speak
-    TOO_LARGE = "too_large"  # frame above the receiver's cap
+    TOO_LARGE = "too_large"  # frame (or one row of a request) above the receiver's limit
     CACHE_FULL = "cache_full"  # no room for the session's KV cache
     BUSY = "busy"  # server overloaded; retry elsewhere
     UNKNOWN_SESSION = "unknown_session"
@@ -27,23 +29,22 @@ class ErrorCode:
     OUT_OF_RANGE = "out_of_range"  # blocks not served here, position past the session's max_length
     TIMEOUT = "timeout"
     NO_ROUTE = "no_route"  # no chain of servers covers the model
+    CLOSED = "closed"  # the connection or session is closed
     INTERNAL = "internal"
 
-    ALL = frozenset(
-        {
-            BAD_REQUEST,
-            UNSUPPORTED_VERSION,
-            TOO_LARGE,
-            CACHE_FULL,
-            BUSY,
-            UNKNOWN_SESSION,
-            UNKNOWN_MODEL,
-            OUT_OF_RANGE,
-            TIMEOUT,
-            NO_ROUTE,
-            INTERNAL,
-        }
-    )
+    def __str__(self) -> str:
+        return self.value
+
+    @classmethod
+    def parse(cls, code: str) -> ErrorCode | str:
+        """The member for a known code; an unknown one stays the string it is."""
+        try:
+            return cls(code)
+        except ValueError:
+            return code
+
+
+ALL_CODES = frozenset(code.value for code in ErrorCode)
 
 
 class WireError(Exception):
@@ -55,12 +56,12 @@ class WireError(Exception):
 
     def __init__(self, code: str, message: str, details: dict[str, Any] | None = None) -> None:
         super().__init__(f"{code}: {message}")
-        self.code = code
+        self.code = ErrorCode.parse(str(code))
         self.message = message
         self.details = dict(details) if details else {}
 
     def __repr__(self) -> str:
-        return f"WireError({self.code!r}, {self.message!r})"
+        return f"WireError({str(self.code)!r}, {self.message!r})"
 
 
 def bad_request(message: str, **details: Any) -> WireError:

@@ -216,6 +216,8 @@ class Error(Message):
     details: dict[str, Any] = wired(PlainMap(), default_factory=dict)
 
     def __post_init__(self) -> None:
+        if isinstance(self.code, ErrorCode):  # members travel as the plain strings they are
+            object.__setattr__(self, "code", self.code.value)
         # an error report must not fail for being long: cut it instead of refusing it
         if isinstance(self.message, str) and len(self.message) > MAX_ERROR_MESSAGE:
             object.__setattr__(self, "message", self.message[: MAX_ERROR_MESSAGE - 3] + "...")
