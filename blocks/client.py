@@ -2,9 +2,10 @@
 
 Embeddings turn token ids into the first block's input (BLOOM adds its embedding LayerNorm,
 OPT its learned positions, which is why `embed` takes the number of tokens already processed);
-`logits` applies the final norm and the LM head. With left-padded rows (`pad_lengths`, see
-masks.py) OPT's positions count from each row's first real token. Both stay differentiable w.r.t. their float
-inputs so a client can fine-tune prompts end to end; the weights never require grad.
+`logits` applies the final norm and the LM head. Both stay differentiable w.r.t. their float
+inputs so a client can fine-tune prompts end to end; the weights never require grad. With
+left-padded rows (`pad_lengths`, see masks.py) OPT's positions count from each row's first real
+token.
 """
 
 from __future__ import annotations
