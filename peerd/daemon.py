@@ -45,7 +45,9 @@ class Daemon:
         self.home = node_config.home
         self.node = Node(node_config)
         self.swarm = SwarmAccess(self.node, max_frame=max_frame, cache_dir=self.home / "cache")
-        self.api = LocalAPI(self.swarm, socket_path or default_socket(self.home), max_frame=max_frame)
+        self.api = LocalAPI(
+            self.swarm, socket_path or default_socket(self.home), max_frame=max_frame
+        )
         self.blocks = BlockService(serve, self.swarm) if serve is not None else None
         self._ready: ReadyInfo | None = None
         self.node.on_addrs_change = self._write_ready

@@ -16,11 +16,10 @@ from typing import TYPE_CHECKING
 
 import trio
 
-from blocks import checkpoint_fingerprint, load_config
-from peerd.errors import ApiError
-from peerd.generation_model import ClientModel
+from blocks import checkpoint_fingerprint
+from peerd.client_model import ClientModel
 from peerd.swarm_view import coverage, gaps
-from wire import ErrorCode
+from wire import ErrorCode, WireError
 
 if TYPE_CHECKING:
     from peerd.swarm import SwarmAccess
@@ -93,7 +92,7 @@ class ModelRegistry:
             if len(matches) != 1:
                 known = ", ".join(sorted(models)) or "none"
                 what = "several models match" if matches else "no server in the swarm serves"
-                raise ApiError(
+                raise WireError(
                     ErrorCode.UNKNOWN_MODEL, f"{what} {reference!r} (models in the swarm: {known})"
                 )
             model_id = matches[0]
@@ -101,6 +100,3 @@ class ModelRegistry:
         if path is not None:
             return self._loaded[path]
         return ResolvedModel(model_id, models[model_id]["num_blocks"], None)
-
-
-__all__ = ["ModelRegistry", "ResolvedModel", "load_config"]
