@@ -23,6 +23,13 @@ _SEED = click.option("--seed", type=int, default=0, show_default=True, help="Ran
 @click.group()
 def sim() -> None:
     """Simulate a swarm: load balancing, fault tolerance, churn (seeded, deterministic)."""
+    import importlib.util
+
+    missing = [m for m in ("simpy", "matplotlib") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise click.UsageError(
+            f"peerd sim needs {' and '.join(missing)}: pip install 'peerd[sim]'"
+        )
 
 
 @sim.command()

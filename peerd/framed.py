@@ -84,6 +84,43 @@ class TrioByteStream:
         await self.stream.aclose()
 
 
+class MemoryByteStream:
+    """One end of an in-process byte pipe (`memory_pipe`): how a daemon reaches the blocks it
+    serves itself, with the same framing and limits as over the network."""
+
+    def __init__(
+        self, send: trio.MemorySendChannel[bytes], receive: trio.MemoryReceiveChannel[bytes]
+    ) -> None:
+        self._send, self._receive = send, receive
+        self._pending = b""
+
+    async def receive_some(self, max_bytes: int) -> bytes:
+        if not self._pending:
+            try:
+                self._pending = await self._receive.receive()
+            except (trio.EndOfChannel, trio.ClosedResourceError):
+                return b""
+        chunk, self._pending = self._pending[:max_bytes], self._pending[max_bytes:]
+        return chunk
+
+    async def send_all(self, data: bytes) -> None:
+        try:
+            await self._send.send(bytes(data))
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            raise ConnectionLost(f"pipe closed while writing: {exc!r}") from exc
+
+    async def aclose(self) -> None:
+        await self._send.aclose()
+        await self._receive.aclose()
+
+
+def memory_pipe(buffered_frames: int = 4) -> tuple[MemoryByteStream, MemoryByteStream]:
+    """Two connected in-process byte streams."""
+    a_send, b_receive = trio.open_memory_channel[bytes](buffered_frames)
+    b_send, a_receive = trio.open_memory_channel[bytes](buffered_frames)
+    return MemoryByteStream(a_send, a_receive), MemoryByteStream(b_send, b_receive)
+
+
 class FramedChannel:
     """Reads and writes whole messages; enforces the frame cap before reading a payload."""
 
@@ -123,6 +160,8 @@ __all__ = [
     "ConnectionLost",
     "FramedChannel",
     "Libp2pByteStream",
+    "MemoryByteStream",
     "TrioByteStream",
     "WireError",
+    "memory_pipe",
 ]

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 
 import trio
 
-from peerd.framed import FramedChannel, Libp2pByteStream, TrioByteStream
+from peerd.framed import FramedChannel, Libp2pByteStream, memory_pipe
 from peerd.records import ServerRecord
 from peerd.swarm_view import online_spans
 from routing import ServerSpan
@@ -96,12 +96,10 @@ class SwarmAccess:
 
     async def connect(self, peer_id: str, protocol: str) -> FramedChannel:
         if peer_id == self.node.peer_id and protocol in self.local_handlers and self._nursery:
-            from trio.testing import memory_stream_pair  # lazily: it imports pytest
-
-            ours, theirs = memory_stream_pair()
+            ours, theirs = memory_pipe()
             handler = self.local_handlers[protocol]
-            self._nursery.start_soon(handler, FramedChannel(TrioByteStream(theirs), self.max_frame))
-            return FramedChannel(TrioByteStream(ours), self.max_frame)
+            self._nursery.start_soon(handler, FramedChannel(theirs, self.max_frame))
+            return FramedChannel(ours, self.max_frame)
         stream = await self.node.open_stream(peer_id, protocol)
         return FramedChannel(Libp2pByteStream(stream), self.max_frame)
 

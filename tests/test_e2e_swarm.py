@@ -87,6 +87,21 @@ def test_generation_through_three_servers_equals_transformers(swarm):
     assert [hop[1:] for hop in done.route] == [(0, 3), (3, 6), (6, 8)]
 
 
+def test_a_server_reaches_its_own_blocks_in_process(swarm):
+    """Through server a's own socket: the chain's first hop is a itself (an in-process pipe)."""
+    server = swarm["servers"]["a"]
+    events = list(
+        Peer(server.socket, timeout=120).generate_events(
+            __import__("wire.local", fromlist=["Generate"]).Generate(
+                model=str(swarm["model"]), input_ids=PROMPT_IDS, max_new_tokens=6
+            )
+        )
+    )
+    done = events[-1]
+    assert done.route[0] == (server.peer_id, 0, 3)
+    assert done.token_ids == reference_greedy(swarm["model"], PROMPT_IDS, 6)
+
+
 def test_hf_style_model_generate_equals_transformers(swarm):
     model = AutoDistributedModelForCausalLM.from_pretrained(swarm["model"], peer=swarm["peer"])
     prompt = torch.tensor([PROMPT_IDS, PROMPT_IDS[::-1]])
