@@ -89,7 +89,8 @@ class Span:
         device: torch.device | str = "cpu",
         progress: Callable[[int], None] | None = None,
     ) -> Span:
-        """Load blocks [start, end) of the checkpoint at `path`, reading only their tensors.
+        """Load blocks [start, end) of the checkpoint at `path`, reading only their tensors
+        (the checkpoint's fingerprint, `checkpoint_fingerprint`, still reads every shard once).
 
         `progress(index)` is called after each block is loaded (e.g. to advance a progress bar).
         """

@@ -60,13 +60,12 @@ class ServerRecord:
     state: State = State.ONLINE
     inference_throughput: float = 0.0  # inference steps per second through one block
     forward_throughput: float = 0.0  # forward tokens per second through one block
-    network_throughput: float = 0.0  # tokens per second the link carries
     dtype: str = "float32"
     quant: str = "none"
     free_cache_tokens: int = 0
     using_relay: bool = False
     next_rtts: dict[str, float] = field(default_factory=dict)  # peer id -> seconds
-    adapters: tuple[str, ...] = ()
+    adapters: tuple[str, ...] = ()  # adapters served besides the base weights (none yet)
     version: str = __version__
     addrs: tuple[str, ...] = ()  # multiaddrs to reach this server (relayed ones included)
     seq: int = 0  # higher wins; announcers use a clock so restarts keep increasing
@@ -127,7 +126,6 @@ class ServerRecord:
         for name in (
             "inference_throughput",
             "forward_throughput",
-            "network_throughput",
             "expires_at",
         ):
             _number(getattr(self, name), name)

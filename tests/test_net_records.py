@@ -37,7 +37,6 @@ def record(**changes) -> ServerRecord:
         state=State.ONLINE,
         inference_throughput=12.5,
         forward_throughput=800.0,
-        network_throughput=1e4,
         dtype="bfloat16",
         quant="nf4",
         free_cache_tokens=4096,
