@@ -6,12 +6,12 @@ file for the algorithm.
 
 from balancing.choose import canonical_plan, choose_blocks, settle
 from balancing.move import DEFAULT_MAX_DEFERRALS, DEFAULT_MIN_GAIN, first_mover, should_move
-from balancing.swarm import Span, SwarmEntry, block_throughputs, swarm_throughput
+from balancing.swarm import Placement, SwarmEntry, block_throughputs, swarm_throughput
 
 __all__ = [
     "DEFAULT_MAX_DEFERRALS",
     "DEFAULT_MIN_GAIN",
-    "Span",
+    "Placement",
     "SwarmEntry",
     "block_throughputs",
     "canonical_plan",

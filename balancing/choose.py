@@ -25,11 +25,11 @@ from collections.abc import Iterable
 from functools import lru_cache
 
 from balancing.grid import Grid, best_start, totals, window_masks
-from balancing.swarm import Span, SwarmEntry, ordered, usable_throughput
+from balancing.swarm import Placement, SwarmEntry, ordered, usable_throughput
 
 
 def choose_blocks(
-    num_blocks: int, swarm: Iterable[Span], my_num_blocks: int, my_throughput: float
+    num_blocks: int, swarm: Iterable[Placement], my_num_blocks: int, my_throughput: float
 ) -> tuple[int, int]:
     """The interval [start, end) of `my_num_blocks` blocks that helps `swarm` most."""
     size = checked_size(num_blocks, my_num_blocks)
@@ -40,7 +40,7 @@ def choose_blocks(
     return start, start + size
 
 
-def settle(num_blocks: int, swarm: Iterable[Span], max_rounds: int) -> list[SwarmEntry]:
+def settle(num_blocks: int, swarm: Iterable[Placement], max_rounds: int) -> list[SwarmEntry]:
     """Let servers, one at a time in peer_id order, make strictly improving greedy moves.
 
     Stops after a round without moves or after `max_rounds`. No gain threshold: this is the
@@ -73,7 +73,7 @@ def _settle(
     return tuple(entries)
 
 
-def canonical_plan(num_blocks: int, swarm: Iterable[Span], max_rounds: int) -> list[SwarmEntry]:
+def canonical_plan(num_blocks: int, swarm: Iterable[Placement], max_rounds: int) -> list[SwarmEntry]:
     """Every server re-placed from scratch in a few fixed orders, settled; the best one."""
     entries = _entries_tuple(num_blocks, swarm)
     return list(_canonical_plan(num_blocks, entries, max_rounds))
@@ -108,7 +108,7 @@ def _canonical_plan(
     return best
 
 
-def _entries_tuple(num_blocks: int, swarm: Iterable[Span]) -> tuple[SwarmEntry, ...]:
+def _entries_tuple(num_blocks: int, swarm: Iterable[Placement]) -> tuple[SwarmEntry, ...]:
     return tuple(ordered(entries_of(num_blocks, swarm)))
 
 
@@ -120,14 +120,14 @@ def checked_size(num_blocks: int, size: int) -> int:
     return min(size, num_blocks)
 
 
-def own_entry(num_blocks: int, span: Span) -> SwarmEntry:
+def own_entry(num_blocks: int, span: Placement) -> SwarmEntry:
     """The deciding server's record inside [0, num_blocks), keeping its size where it fits."""
     size = checked_size(num_blocks, int(span.end) - int(span.start))
     start = min(max(0, int(span.start)), num_blocks - size)
     return SwarmEntry(str(span.peer_id), start, start + size, usable_throughput(span))
 
 
-def entries_of(num_blocks: int, swarm: Iterable[Span]) -> list[SwarmEntry]:
+def entries_of(num_blocks: int, swarm: Iterable[Placement]) -> list[SwarmEntry]:
     """Other servers' records, cut to the blocks [0, num_blocks) they really cover."""
     entries = []
     for span in swarm:

@@ -30,7 +30,7 @@ from collections.abc import Iterable
 
 from balancing.choose import canonical_plan, entries_of, own_entry, settle
 from balancing.grid import Grid, best_start, bottleneck_gain, totals, window_masks
-from balancing.swarm import Span, SwarmEntry, ordered
+from balancing.swarm import Placement, SwarmEntry, ordered
 
 # Default relative gain a move must bring (moving costs a restart: reload weights, warm up).
 DEFAULT_MIN_GAIN = 0.1
@@ -48,8 +48,8 @@ DEFAULT_GAP_GAIN = 0.5
 
 def should_move(
     num_blocks: int,
-    swarm: Iterable[Span],
-    me: Span,
+    swarm: Iterable[Placement],
+    me: Placement,
     min_gain: float = DEFAULT_MIN_GAIN,
     lookahead_rounds: int = DEFAULT_LOOKAHEAD_ROUNDS,
     gap_gain: float = DEFAULT_GAP_GAIN,
@@ -91,7 +91,7 @@ def should_move(
 
 
 def first_mover(
-    num_blocks: int, swarm: Iterable[Span], min_gain: float = DEFAULT_MIN_GAIN
+    num_blocks: int, swarm: Iterable[Placement], min_gain: float = DEFAULT_MIN_GAIN
 ) -> str | None:
     """Of the servers of `swarm` that should move now, the one that moves this round.
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass, replace
 from typing import Protocol
 
 
-class Span(Protocol):
+class Placement(Protocol):
     """What balancing reads from a swarm record (routing.ServerSpan and SwarmEntry both fit)."""
 
     @property
@@ -48,18 +48,18 @@ class SwarmEntry:
         return replace(self, start=start, end=start + self.num_blocks)
 
 
-def usable_throughput(span: Span) -> float:
+def usable_throughput(span: Placement) -> float:
     """A record's throughput, or 0 when it is negative or not finite (a bad record adds nothing)."""
     value = float(span.throughput)
     return value if math.isfinite(value) and value > 0.0 else 0.0
 
 
-def ordered(swarm: Iterable[Span]) -> list[Span]:
+def ordered(swarm: Iterable[Placement]) -> list[Placement]:
     """The swarm in the canonical order every peer uses."""
     return sorted(swarm, key=lambda s: (str(s.peer_id), int(s.start), int(s.end)))
 
 
-def block_throughputs(num_blocks: int, swarm: Iterable[Span]) -> list[float]:
+def block_throughputs(num_blocks: int, swarm: Iterable[Placement]) -> list[float]:
     """Summed throughput of the servers covering each block (blocks outside [0, n) are ignored)."""
     if num_blocks <= 0:
         raise ValueError(f"num_blocks must be positive, got {num_blocks}")
@@ -73,6 +73,6 @@ def block_throughputs(num_blocks: int, swarm: Iterable[Span]) -> list[float]:
     return totals
 
 
-def swarm_throughput(num_blocks: int, swarm: Iterable[Span]) -> float:
+def swarm_throughput(num_blocks: int, swarm: Iterable[Placement]) -> float:
     """The bottleneck: the smallest per-block throughput (0 when some block is not served)."""
     return min(block_throughputs(num_blocks, swarm))
