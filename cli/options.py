@@ -61,6 +61,7 @@ def param_name(f: dataclasses.Field) -> str:
 
 
 def field_default(f: dataclasses.Field) -> Any:
+    """The value a dataclass built without `f` gets (an option needs one)."""
     if f.default is not dataclasses.MISSING:
         return f.default
     if f.default_factory is not dataclasses.MISSING:
@@ -118,6 +119,7 @@ def field_values(
 
 
 def make_option(cls: type, f: dataclasses.Field) -> Decorator:
+    """The click option of field `f` of `cls`; a TypeError names metadata that cannot work."""
     meta = f.metadata
     unknown = set(meta) - METADATA_KEYS
     if unknown:

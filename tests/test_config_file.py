@@ -115,6 +115,7 @@ def test_file_values_apply_to_join_and_serve_tables_are_skipped(built, tmp_path)
         """
         new-swarm = true
         max_frame_mib = 2
+        port = 1  # the command's own table wins
         [serve]
         cache-tokens = 1
         [join]
@@ -153,11 +154,14 @@ def test_command_line_beats_environment_beats_file(built, tmp_path):
     assert built.config.home == tmp_path / "cli-home", "the order on the command line is no matter"
 
 
-def test_repeatable_option_from_the_command_line_replaces_the_files_list(built, tmp_path):
+def test_a_list_from_the_command_line_or_environment_replaces_the_files(built, tmp_path):
     other = f"/ip4/10.0.0.2/tcp/4001/p2p/{peer_id_of(create_new_key_pair())}"
     config = write(tmp_path, f'initial_peers = ["{PEER}"]\n')
     assert run("join", "--config", config, "--initial-peers", other).exit_code == 0
     assert built.config.initial_peers == [other]
+    env = {"PEERD_INITIAL_PEERS": f"{other},{other}"}
+    assert run("join", "--config", config, env=env).exit_code == 0
+    assert built.config.initial_peers == [other, other]
 
 
 @pytest.mark.parametrize(
