@@ -9,98 +9,47 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
+from cli.config_file import config_option
+from cli.options import dataclass_options, field_values
+from peerd.config import NodeConfig
+
 if TYPE_CHECKING:  # heavy imports stay inside the commands
-    from peerd.config import NodeConfig
     from peerd.daemon import Daemon
     from peerd.node import NodeInfo
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+DAEMON_COMMANDS = ("serve", "join")  # the commands that read `--config` files (their tables)
+
+daemon_config_option = config_option(DAEMON_COMMANDS)
 
 
-def network_options(
-    default_host: str = "0.0.0.0",
-) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-    """Decorate a command with the host, identity, swarm and relay options (NodeConfig)."""
+def network_options() -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Decorate a command with the host, identity, swarm and relay options (NodeConfig's
+    option fields) and --log-level."""
+
+    log_level = click.option(
+        "--log-level",
+        type=click.Choice(LOG_LEVELS, case_sensitive=False),
+        default="INFO",
+        show_default=True,
+        help="Level of the log lines on stderr.",
+    )
 
     def decorate(fn: Callable[..., Any]) -> Callable[..., Any]:
-        options = [
-            click.option(
-                "--home",
-                type=click.Path(file_okay=False, path_type=Path),
-                default=Path("~/.peerd"),
-                show_default=True,
-                envvar="PEERD_HOME",
-                help="Directory for this daemon's state (identity key, ...).",
-            ),
-            click.option(
-                "--identity",
-                type=click.Path(dir_okay=False, path_type=Path),
-                default=None,
-                help="Identity key file (default: HOME/identity.key, created on first start).",
-            ),
-            click.option(
-                "--host", default=default_host, show_default=True, help="IP address to listen on."
-            ),
-            click.option(
-                "--port",
-                type=click.IntRange(0, 65535),
-                default=0,
-                show_default=True,
-                help="TCP port to listen on (0: any free port).",
-            ),
-            click.option(
-                "--announce-addr",
-                "announce_addrs",
-                multiple=True,
-                metavar="MULTIADDR",
-                help="Public address to advertise, e.g. /ip4/203.0.113.5/tcp/31337 (repeatable).",
-            ),
-            click.option(
-                "--initial-peers",
-                "initial_peers",
-                multiple=True,
-                metavar="MULTIADDR...",
-                envvar="PEERD_INITIAL_PEERS",
-                help="Addresses of peers in the swarm, ending in /p2p/<peer id> "
-                "(repeatable; several may be separated by spaces or commas).",
-            ),
-            click.option(
-                "--new-swarm",
-                is_flag=True,
-                help="Start a new private swarm and print the addresses others join it with.",
-            ),
-            click.option(
-                "--announce-period",
-                type=click.FloatRange(min=0.1),
-                default=30.0,
-                show_default=True,
-                help="Seconds between announcements; a dead peer's record expires after two.",
-            ),
-            click.option(
-                "--no-relay",
-                is_flag=True,
-                help="Do not relay traffic for unreachable peers, even when reachable.",
-            ),
-            click.option(
-                "--reachability",
-                type=click.Choice(["auto", "public", "private"]),
-                default="auto",
-                show_default=True,
-                help="Skip the dial-back test by saying how we are reachable.",
-            ),
-            click.option(
-                "--log-level",
-                type=click.Choice(LOG_LEVELS, case_sensitive=False),
-                default="INFO",
-                show_default=True,
-                help="Level of the log lines on stderr.",
-            ),
-        ]
-        for option in reversed(options):
-            fn = option(fn)
-        return fn
+        return dataclass_options(NodeConfig)(log_level(fn))
 
     return decorate
+
+
+def socket_option(help: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """--socket: where the daemon's local API listens (Daemon's `socket_path`)."""
+    return click.option(
+        "--socket",
+        "socket",
+        type=click.Path(dir_okay=False, path_type=Path),
+        default=None,
+        help=help,
+    )
 
 
 def split_addrs(values: tuple[str, ...] | list[str]) -> list[str]:
@@ -110,10 +59,10 @@ def split_addrs(values: tuple[str, ...] | list[str]) -> list[str]:
 
 def node_config(opts: dict[str, Any]) -> NodeConfig:
     """A NodeConfig from the values of `network_options`; a usage error says what to fix."""
-    from peerd.config import NodeConfig
-
-    initial = split_addrs(opts["initial_peers"])
-    if not initial and not opts["new_swarm"]:
+    values = field_values(NodeConfig, opts)
+    values["initial_peers"] = initial = split_addrs(values["initial_peers"])
+    values["announce_addrs"] = split_addrs(values["announce_addrs"])
+    if not initial and not values["new_swarm"]:
         raise click.UsageError(
             "there is no swarm to join. Pass --initial-peers MULTIADDR (any running peer prints "
             "its addresses at start), or --new-swarm to start a new private swarm."
@@ -121,18 +70,7 @@ def node_config(opts: dict[str, Any]) -> NodeConfig:
     for addr in initial:
         check_peer_addr(addr)
     try:
-        return NodeConfig(
-            home=opts["home"],
-            identity=opts["identity"],
-            host=opts["host"],
-            port=opts["port"],
-            announce_addrs=split_addrs(opts["announce_addrs"]),
-            initial_peers=initial,
-            new_swarm=opts["new_swarm"],
-            announce_period=opts["announce_period"],
-            relay=not opts["no_relay"],
-            reachability=opts["reachability"],
-        )
+        return NodeConfig(**values)
     except ValueError as exc:
         raise click.UsageError(str(exc)) from None
 

@@ -2,30 +2,33 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import click
 
-from cli.common import network_options, node_config, run_daemon
+from cli.common import (
+    daemon_config_option,
+    network_options,
+    node_config,
+    run_daemon,
+    socket_option,
+)
+from cli.options import dataclass_options, field_values
+from peerd.server.limits import ServerLimits
 
 
 @click.command()
-@network_options(default_host="0.0.0.0")
-@click.option(
-    "--socket",
-    "socket_path",
-    type=click.Path(dir_okay=False, path_type=Path),
-    default=None,
-    help="Local API socket for scripts on this machine (default: HOME/peerd.sock).",
-)
+@daemon_config_option
+@network_options()
+@socket_option("Local API socket for scripts on this machine (default: HOME/peerd.sock).")
+@dataclass_options(ServerLimits, only=["max_frame"])
 @click.option(
     "--test-record",
     hidden=True,
     metavar="MODEL_ID:START:END",
     help="Announce a fake server record (tests and demos only).",
 )
-def join(test_record: str | None, socket_path: Path | None, **opts: Any) -> None:
+def join(test_record: str | None, **opts: Any) -> None:
     """Join a swarm as a client-only peer, or start one with --new-swarm.
 
     The daemon connects outward to --initial-peers, relays for others when it is reachable,
@@ -33,9 +36,10 @@ def join(test_record: str | None, socket_path: Path | None, **opts: Any) -> None
     through its local socket (peerd generate, peerd status, the peerd.client library).
     """
     config = node_config(opts)  # bad options fail fast, before the heavy imports
+    max_frame = field_values(ServerLimits, opts, only=["max_frame"])["max_frame"]
     from peerd.daemon import Daemon
 
-    daemon = Daemon(config, socket_path=socket_path)
+    daemon = Daemon(config, socket_path=opts["socket"], max_frame=max_frame)
     node = daemon.node
     if test_record:
         node.set_record_provider(_fake_record_provider(node, test_record))

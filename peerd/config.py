@@ -1,4 +1,9 @@
-"""NodeConfig: every networking option of a peerd daemon in one typed, documented place."""
+"""NodeConfig: every networking option of a peerd daemon in one typed, documented place.
+
+A field whose metadata has `help` is also a command-line option of `peerd serve` and `peerd join`
+(and a key of their `--config` file): its default, help text and spelling are stated here only;
+`cli/options.py` turns them into click options. See that module for the metadata keys.
+"""
 
 from __future__ import annotations
 
@@ -14,29 +19,78 @@ REACHABILITY_MODES = ("auto", "public", "private")
 class NodeConfig:
     """How a node joins the swarm; `peerd serve` and `peerd join` both build one of these."""
 
-    # Where state files live (identity key, ...): one home per daemon, so several can share a
-    # machine.
-    home: Path = DEFAULT_HOME
-    # Identity key file; None means <home>/identity.key (created, mode 0600, on first start).
-    identity: Path | None = None
-    # Interface and TCP port to listen on (port 0 = any free port).
-    host: str = "0.0.0.0"
-    port: int = 0
-    # Public multiaddrs to advertise besides the listen addresses (e.g. a port-forwarded IP).
-    announce_addrs: list[str] = field(default_factory=list)
-    # Multiaddrs (with /p2p/<peer id>) of peers already in the swarm.
-    initial_peers: list[str] = field(default_factory=list)
-    # Start a new private swarm instead of joining one.
-    new_swarm: bool = False
-    # Seconds between re-announcements of our record; records expire after `record_ttl`.
-    announce_period: float = 30.0
+    # One home per daemon, so several can share a machine.
+    home: Path = field(
+        default=DEFAULT_HOME,
+        metadata={
+            "help": "Directory for this daemon's state (identity key, ...).",
+            "path": "dir",
+            "envvar": "PEERD_HOME",
+        },
+    )
+    # Created with mode 0600 on first start.
+    identity: Path | None = field(
+        default=None,
+        metadata={
+            "help": "Identity key file (default: HOME/identity.key, created on first start).",
+            "path": "file",
+        },
+    )
+    host: str = field(default="0.0.0.0", metadata={"help": "IP address to listen on."})
+    port: int = field(
+        default=0,
+        metadata={"help": "TCP port to listen on (0: any free port).", "min": 0, "max": 65535},
+    )
+    # Advertised besides the listen addresses (e.g. a port-forwarded IP).
+    announce_addrs: list[str] = field(
+        default_factory=list,
+        metadata={
+            "help": "Public address to advertise, e.g. /ip4/203.0.113.5/tcp/31337 (repeatable).",
+            "flag": "--announce-addr",
+            "metavar": "MULTIADDR",
+        },
+    )
+    initial_peers: list[str] = field(
+        default_factory=list,
+        metadata={
+            "help": "Addresses of peers in the swarm, ending in /p2p/<peer id> "
+            "(repeatable; several may be separated by spaces or commas).",
+            "metavar": "MULTIADDR...",
+            "envvar": "PEERD_INITIAL_PEERS",
+        },
+    )
+    new_swarm: bool = field(
+        default=False,
+        metadata={"help": "Start a new private swarm and print the addresses others join it with."},
+    )
+    # Records expire after `record_ttl`.
+    announce_period: float = field(
+        default=30.0,
+        metadata={
+            "help": "Seconds between announcements; a dead peer's record expires after two.",
+            "min": 0.1,
+        },
+    )
     # Re-send provider announcements every this many announce periods (they live 48 h on the
     # storing peers; re-sending only reaches peers that joined since).
     provide_every: int = 10
     # Act as a circuit relay v2 hop for unreachable peers when we are publicly reachable.
-    relay: bool = True
+    relay: bool = field(
+        default=True,
+        metadata={
+            "help": "Do not relay traffic for unreachable peers, even when reachable.",
+            "flag": "--no-relay",
+            "negate": True,
+        },
+    )
     # "auto" asks peers to dial us back; "public"/"private" skip the check.
-    reachability: str = "auto"
+    reachability: str = field(
+        default="auto",
+        metadata={
+            "help": "Skip the dial-back test by saying how we are reachable.",
+            "choices": REACHABILITY_MODES,
+        },
+    )
     # An unreachable node keeps reservations on this many relays (or as many as exist).
     min_relays: int = 2
     # Resource limits of our relay hop.

@@ -2,25 +2,68 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+from wire import DEFAULT_MAX_FRAME
+
+MIB = 2**20
 
 
 @dataclass(frozen=True)
 class ServerLimits:
-    """Every limit a server enforces, with the defaults a consumer GPU owner would expect."""
+    """Every limit a server enforces, with the defaults a consumer GPU owner would expect.
 
-    cache_tokens: int = 16384
-    """KV-cache budget in tokens (summed over batch rows of all open sessions)."""
-    cache_bytes: int | None = None
-    """Optional budget in bytes; the smaller of the two budgets wins."""
-    max_sessions: int = 64
-    max_tokens_per_request: int = 8192
-    """Batch × new tokens in one step, forward or backward request."""
-    max_frame: int = 64 * 1024 * 1024
-    step_timeout: float = 60.0
-    """Longest a request may wait for its turn at the compute device before `busy`."""
-    idle_timeout: float = 300.0
-    """A session that sends nothing for this long is closed and its cache freed."""
+    Fields with `help` metadata are options of `peerd serve` (see cli/options.py).
+    """
+
+    # Summed over the batch rows of all open sessions.
+    cache_tokens: int = field(
+        default=16384,
+        metadata={"help": "KV-cache budget in tokens over all sessions.", "min": 0},
+    )
+    cache_bytes: int | None = field(
+        default=None,
+        metadata={
+            "help": "KV-cache budget in MiB (the smaller budget wins).",
+            "flag": "--cache-mib",
+            "scale": MIB,
+            "min": 0,
+        },
+    )
+    max_sessions: int = field(
+        default=64, metadata={"help": "Most inference sessions open at once.", "min": 1}
+    )
+    max_tokens_per_request: int = field(
+        default=8192,
+        metadata={
+            "help": "Most batch rows × new tokens in one forward, backward or inference step.",
+            "min": 1,
+        },
+    )
+    # The daemon applies the same limit to its local socket.
+    max_frame: int = field(
+        default=DEFAULT_MAX_FRAME,
+        metadata={
+            "help": "Largest message accepted from a peer or on the local socket, in MiB.",
+            "flag": "--max-frame-mib",
+            "scale": MIB,
+            "min": 1,
+        },
+    )
+    step_timeout: float = field(
+        default=60.0,
+        metadata={
+            "help": "Seconds a request may wait for the compute device before 'busy'.",
+            "min": 0.1,
+        },
+    )
+    idle_timeout: float = field(
+        default=300.0,
+        metadata={
+            "help": "Seconds before an idle inference session is closed and its cache freed.",
+            "min": 1,
+        },
+    )
 
 
 class RequestRefused(Exception):

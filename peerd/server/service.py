@@ -12,15 +12,12 @@ import logging
 import random
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from pathlib import Path
 
 import trio
 
 import wire
 from balancing import (
     DEFAULT_MAX_DEFERRALS,
-    DEFAULT_MIN_GAIN,
     SwarmEntry,
     choose_blocks,
     first_mover,
@@ -30,8 +27,8 @@ from blocks import ModelConfig, Span, checkpoint_fingerprint, load_config, measu
 from peerd.framed import FramedChannel, Libp2pByteStream
 from peerd.records import ServerRecord, State
 from peerd.server.block_server import INFERENCE_PROTOCOL, RPC_PROTOCOL, BlockServer
-from peerd.server.limits import ServerLimits
 from peerd.server.memory import blocks_that_fit
+from peerd.server.options import ServeOptions  # defined apart: the CLI imports it light
 from peerd.swarm import SwarmAccess
 
 log = logging.getLogger("peerd.serve")
@@ -40,22 +37,6 @@ NEXT_RTT_PEERS = 8
 RTT_FIRST_DELAY = 5.0
 RTT_PERIOD = 60.0
 INFO_TIMEOUT = 5.0  # seconds to wait for a server's own word on its blocks
-
-
-@dataclass
-class ServeOptions:
-    """What to serve and how; every field has the default a consumer-GPU owner would expect."""
-
-    model_path: Path
-    model_name: str | None = None
-    blocks: tuple[int, int] | None = None
-    num_blocks: int | None = None
-    dtype: str = "float32"
-    quant: str = "none"
-    device: str = "cpu"
-    limits: ServerLimits = field(default_factory=ServerLimits)
-    rebalance_period: float = 300.0  # 0 disables rebalancing
-    min_gain: float = DEFAULT_MIN_GAIN
 
 
 class BlockService:
