@@ -8,19 +8,23 @@ incremental detokenization. It imports torch and tokenizers only: no trio, no ne
 
 from .drive import generate_sync, run_async, run_sync
 from .engine import Generation
+from .local import LocalStep, embed_request, last_logits
 from .params import GenerationParams, defaults_for
 from .types import PromptResult, SequenceResult, StepRequest, TokenEvent, Update
 
 __all__ = [
     "Generation",
     "GenerationParams",
+    "LocalStep",
     "PromptResult",
     "SequenceResult",
     "StepRequest",
     "TokenEvent",
     "Update",
     "defaults_for",
+    "embed_request",
     "generate_sync",
+    "last_logits",
     "run_async",
     "run_sync",
 ]

@@ -89,7 +89,9 @@ def processors_for(params: GenerationParams) -> list[Processor]:
     if not params.do_sample:
         return out
     # beam sampling keeps one token more than there are EOS ids, so some beam can go on
-    keep = 1 if params.num_beams == 1 else (len(params.eos_token_id) + 1 if params.eos_token_id else 2)
+    keep = 1
+    if params.num_beams > 1:
+        keep = len(params.eos_token_id) + 1 if params.eos_token_id else 2
     if params.temperature != 1.0:
         out.append(Temperature(params.temperature))
     if params.top_k != 0:

@@ -13,7 +13,7 @@ from .detokenize import SequenceText
 from .layout import RowLayout
 from .params import GenerationParams
 from .processors import apply, processors_for, seen_tokens
-from .stopping import StopRules
+from .stopping import LENGTH, StopRules
 from .types import PromptResult, SequenceResult, StepRequest, TokenEvent, Update
 
 
@@ -44,12 +44,14 @@ class Sampler:
     def feed(self, logits: Tensor) -> Update:
         scores = logits.float()
         if self._seen is None:
+            layout, device = self.layout, scores.device
             self._seen = seen_tokens(
-                self.layout.ids.to(scores.device), self.layout.vocab_size, self.layout.mask.to(scores.device)
+                layout.ids.to(device), layout.vocab_size, layout.mask.to(device)
             )
         scores = apply(self.processors, scores, self._seen)
         if self.params.do_sample:
-            chosen = torch.multinomial(scores.softmax(dim=-1), 1, generator=self._rng(scores)).squeeze(1)
+            probs = scores.softmax(dim=-1)
+            chosen = torch.multinomial(probs, 1, generator=self._rng(scores)).squeeze(1)
         else:
             chosen = scores.argmax(dim=-1)
         self.step += 1
@@ -78,8 +80,9 @@ class Sampler:
         layout = self.layout
         out = [PromptResult(list(p)) for p in layout.prompts]
         for row in range(layout.rows):
+            text, reason = self.texts[row].text, self.reasons[row] or LENGTH
             out[layout.prompt_of(row)].sequences.append(
-                SequenceResult(self.tokens[row], self.texts[row].text, self.reasons[row] or "length")
+                SequenceResult(self.tokens[row], text, reason)
             )
         return out
 
