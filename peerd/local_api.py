@@ -23,8 +23,9 @@ import wire
 from blocks import checkpoint_fingerprint, load_config
 from peerd.chain import ChainError, ChainOptions, InferenceChain, Planning
 from peerd.framed import ConnectionLost, FramedChannel, TrioByteStream
-from peerd.generation import LocalModel, generate_ids
-from peerd.sampling import SamplingParams
+from peerd.generate_request import params_for_request
+from peerd.generation import Generation, embed_request, last_logits
+from peerd.local_model import LocalModel
 from peerd.swarm_view import coverage, gaps
 from peerd.training import TraceEntry, TrainingChain
 from routing import BanList
@@ -280,65 +281,62 @@ class LocalAPI:
                 f"to generate, this daemon needs the checkpoint directory of {model_id} "
                 "(pass its path as the model)",
             )
-        params = SamplingParams(
-            max_new_tokens=request.max_new_tokens,
-            temperature=request.temperature,
-            top_k=request.top_k,
-            top_p=request.top_p,
-            repetition_penalty=request.repetition_penalty,
-            stop=tuple(request.stop),
-            seed=request.seed,
-        )
         try:
+            params = await trio.to_thread.run_sync(params_for_request, request, local.path)
             ids = (
                 request.input_ids
                 if request.input_ids is not None
                 else local.encode(request.prompt or "")
             )
+            if not ids:
+                raise ValueError("the prompt encodes to no tokens")
+            parts = local.parts
+            gen = Generation(
+                [ids], params, tokenizer=local.tokenizer, vocab_size=parts.config.vocab_size
+            )
         except ValueError as exc:
             raise ApiError("bad_request", str(exc)) from None
-        if not ids:
-            raise ApiError("bad_request", "the prompt encodes to no tokens")
-        vocab = local.parts.config.vocab_size
-        if max(ids) >= vocab:
+        if gen.rows > 1:
+            # NEEDS-WIRE: beam search needs the chain to reorder its servers' caches every
+            # step (InferenceChain.step(hidden, reorder=request.reorder)); then open the chain
+            # with batch_size=gen.rows and pass update.next.reorder below.
             raise ApiError(
-                "bad_request", f"token id {max(ids)} is outside the vocabulary ({vocab})"
+                "bad_request", "the daemon's generate does not do beam search yet (num_beams > 1)"
             )
         options = self._options(
             model_id,
             num_blocks,
-            len(ids) + params.max_new_tokens,
+            gen.max_length,
+            batch_size=gen.rows,
             compression=request.compression,
             allow=request.allow,
             deny=request.deny,
         )
         chain = InferenceChain(options, self._planning(options), self.swarm.connect)
-        new_ids: list[int] = []
-        text = ""
-        stop_reason = "length"
+
+        def advance(out: torch.Tensor) -> tuple[list, torch.Tensor | None]:
+            """In a worker thread: LM head, pick the tokens, embed the next step's."""
+            update = gen.feed(last_logits(parts, out))
+            if update.next is None:
+                return update.events, None
+            return update.events, embed_request(parts, update.next).float()
+
         route: list[tuple[str, int, int]] = []
         try:
             await chain.open()
-            async for token in generate_ids(chain, local, torch.tensor([ids]), params):
-                new_ids.append(int(token[0]))
-                full = local.decode(new_ids)
-                piece = ""
-                if not full.endswith("\ufffd"):  # hold back a character still being spelled
-                    piece, text = full[len(text) :], full
-                await channel.write_message(
-                    api.GeneratedToken(token_id=new_ids[-1], text=piece).to_wire()
-                )
-                if new_ids[-1] in local.eos_token_ids:
-                    stop_reason = "eos"
-                    break
-                if any(s and s in text for s in params.stop):
-                    stop_reason = "stop"
-                    break
+            first = gen.first_request()
+            hidden = await trio.to_thread.run_sync(lambda: embed_request(parts, first).float())
+            while hidden is not None:
+                out = await chain.step(hidden)
+                events, hidden = await trio.to_thread.run_sync(advance, out)
+                for event in events:
+                    token = api.GeneratedToken(token_id=event.token_id, text=event.text)
+                    await channel.write_message(token.to_wire())
             route = chain.route
         finally:
             with trio.CancelScope(shield=True):
                 await chain.aclose()
-        text = local.decode(new_ids)
+        result = gen.result()[0]
         recoveries = [
             {
                 "failed_peer": r.failed_peer,
@@ -350,9 +348,9 @@ class LocalAPI:
             for r in chain.recoveries
         ]
         done = api.GenerationDone(
-            token_ids=new_ids,
-            text=text,
-            stop_reason=stop_reason,
+            token_ids=result.token_ids,
+            text=result.text,
+            stop_reason=result.finish_reason,
             route=route,
             recoveries=recoveries,
         )
