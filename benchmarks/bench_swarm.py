@@ -48,6 +48,7 @@ from benchmarks.common import (
     Setup,
     Swarm,
     cpu_delta,
+    fixed_length,
     limit_threads,
     load_average,
     median,
@@ -60,6 +61,8 @@ from benchmarks.common import (
     write_json,
 )
 from peerd.client import ChainSession, Peer
+from peerd.generation import Generation as Engine
+from peerd.generation import embed_request, last_logits
 from wire import local as api
 
 BENCHMARKS = ("inference", "forward", "startup", "recovery")
@@ -86,17 +89,18 @@ def session_generate(
     `cpu` measures the one-token steps only (from the second step to the last).
     """
     parts = local.parts
+    gen = Engine([prompt], fixed_length(new_tokens), vocab_size=parts.config.vocab_size)
     t_open = time.perf_counter()
-    with peer.session(model_dir, len(prompt) + new_tokens) as session:
+    with peer.session(model_dir, gen.max_length) as session:
         opened = time.perf_counter() - t_open
         route = list(session.route)
         began = time.perf_counter()
-        hidden = parts.embed(torch.tensor([prompt]))
-        tokens: list[int] = []
+        hidden = embed_request(parts, gen.first_request())
         times: list[float] = []
         embed_s, request_s, head_s = [], [], []
+        step = 0
         with torch.no_grad():
-            for step in range(new_tokens):
+            while hidden is not None:
                 if on_step is not None:
                     on_step(step, session)
                 if cpu is not None and step == 1:
@@ -104,16 +108,16 @@ def session_generate(
                 t0 = time.perf_counter()
                 out = session.step(hidden)
                 t1 = time.perf_counter()
-                token = int(parts.logits(out[:, -1:])[0, -1].argmax())
+                update = gen.feed(last_logits(parts, out))
                 t2 = time.perf_counter()
-                tokens.append(token)
                 times.append(t2 - began)
-                hidden = parts.embed(
-                    torch.tensor([[token]]), past_length=len(prompt) + len(tokens) - 1
-                )
+                nxt = update.next
+                hidden = None if nxt is None else embed_request(parts, nxt)
                 embed_s.append(time.perf_counter() - t2)
                 request_s.append(t1 - t0)
                 head_s.append(t2 - t1)
+                step += 1
+        tokens = gen.result()[0].token_ids
         if cpu is not None:
             cpu.stop()
         total = time.perf_counter() - began
@@ -135,7 +139,11 @@ def daemon_generate(
     """Greedy generation done by the daemon (`Generate`), tokens streamed back; times from the
     request. `cpu` measures from the first token to the last (the one-token steps only)."""
     request = api.Generate(
-        model=str(model_dir), input_ids=prompt, max_new_tokens=new_tokens, temperature=0.0
+        model=str(model_dir),
+        input_ids=prompt,
+        max_new_tokens=new_tokens,
+        temperature=0.0,
+        eos_token_id=[],  # exactly new_tokens steps, as the other two paths
     )
     began = time.perf_counter()
     tokens: list[int] = []
