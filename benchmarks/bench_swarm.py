@@ -43,11 +43,12 @@ import wire
 from benchmarks.common import (
     REPO,
     Generation,
-    LocalModel,
     LogWatcher,
     Setup,
+    SingleProcessModel,
     Swarm,
     cpu_delta,
+    fixed_length,
     limit_threads,
     load_average,
     median,
@@ -60,6 +61,8 @@ from benchmarks.common import (
     write_json,
 )
 from peerd.client import ChainSession, Peer
+from peerd.generation import Generation as Engine
+from peerd.generation import embed_request, last_logits
 from wire import local as api
 
 BENCHMARKS = ("inference", "forward", "startup", "recovery")
@@ -72,7 +75,7 @@ LIST_POLL_S = 0.25  # between listings while waiting for ONLINE (each listing lo
 
 def session_generate(
     peer: Peer,
-    local: LocalModel,
+    local: SingleProcessModel,
     model_dir: Path,
     prompt: list[int],
     new_tokens: int,
@@ -86,17 +89,18 @@ def session_generate(
     `cpu` measures the one-token steps only (from the second step to the last).
     """
     parts = local.parts
+    gen = Engine([prompt], fixed_length(new_tokens), vocab_size=parts.config.vocab_size)
     t_open = time.perf_counter()
-    with peer.session(model_dir, len(prompt) + new_tokens) as session:
+    with peer.session(model_dir, gen.max_length) as session:
         opened = time.perf_counter() - t_open
         route = list(session.route)
         began = time.perf_counter()
-        hidden = parts.embed(torch.tensor([prompt]))
-        tokens: list[int] = []
+        hidden = embed_request(parts, gen.first_request())
         times: list[float] = []
         embed_s, request_s, head_s = [], [], []
+        step = 0
         with torch.no_grad():
-            for step in range(new_tokens):
+            while hidden is not None:
                 if on_step is not None:
                     on_step(step, session)
                 if cpu is not None and step == 1:
@@ -104,16 +108,16 @@ def session_generate(
                 t0 = time.perf_counter()
                 out = session.step(hidden)
                 t1 = time.perf_counter()
-                token = int(parts.logits(out[:, -1:])[0, -1].argmax())
+                update = gen.feed(last_logits(parts, out))
                 t2 = time.perf_counter()
-                tokens.append(token)
                 times.append(t2 - began)
-                hidden = parts.embed(
-                    torch.tensor([[token]]), past_length=len(prompt) + len(tokens) - 1
-                )
+                nxt = update.next
+                hidden = None if nxt is None else embed_request(parts, nxt)
                 embed_s.append(time.perf_counter() - t2)
                 request_s.append(t1 - t0)
                 head_s.append(t2 - t1)
+                step += 1
+        tokens = gen.result()[0].token_ids
         if cpu is not None:
             cpu.stop()
         total = time.perf_counter() - began
@@ -135,7 +139,11 @@ def daemon_generate(
     """Greedy generation done by the daemon (`Generate`), tokens streamed back; times from the
     request. `cpu` measures from the first token to the last (the one-token steps only)."""
     request = api.Generate(
-        model=str(model_dir), input_ids=prompt, max_new_tokens=new_tokens, temperature=0.0
+        model=str(model_dir),
+        input_ids=prompt,
+        max_new_tokens=new_tokens,
+        temperature=0.0,
+        eos_token_id=[],  # exactly new_tokens steps, as the other two paths
     )
     began = time.perf_counter()
     tokens: list[int] = []
@@ -189,7 +197,7 @@ def socket_ping_ms(peer: Peer, rounds: int = 200) -> float:
 
 
 def local_step_ms(
-    local: LocalModel, start: int, end: int, context: int, rounds: int = 30
+    local: SingleProcessModel, start: int, end: int, context: int, rounds: int = 30
 ) -> tuple[float, float]:
     """One-token step through blocks [start, end) against `context` cached tokens, in this process:
     (wall ms, CPU ms), medians."""
@@ -209,7 +217,7 @@ def local_step_ms(
 
 
 def bench_inference(
-    swarm: Swarm, local: LocalModel, setup: Setup, prompt: list[int], reference: list[int]
+    swarm: Swarm, local: SingleProcessModel, setup: Setup, prompt: list[int], reference: list[int]
 ) -> dict:
     peer, model_dir, n = swarm.peer, swarm.model_dir, setup.new_tokens
     runs = {"local": [], "session": [], "generate": []}
@@ -298,7 +306,7 @@ def bench_inference(
 # ----- 2. parallel forward ---------------------------------------------------------------------
 
 
-def bench_forward(swarm: Swarm, local: LocalModel, setup: Setup) -> dict:
+def bench_forward(swarm: Swarm, local: SingleProcessModel, setup: Setup) -> dict:
     peer, span = swarm.peer, local.span
     h = span.config.hidden_size
     out: dict = {}
@@ -444,7 +452,7 @@ def middle_split(setup: Setup) -> tuple[int, int]:
 
 def recovery_run(
     swarm: Swarm,
-    local: LocalModel,
+    local: SingleProcessModel,
     setup: Setup,
     prompt: list[int],
     reference: list[int],
@@ -520,7 +528,7 @@ def wait_unlisted(swarm: Swarm, peer_id: str, timeout: float) -> float:
     return time.monotonic() - began
 
 
-def replay_compute_s(local: LocalModel, setup: Setup, tokens: int, runs: int = 3) -> float:
+def replay_compute_s(local: SingleProcessModel, setup: Setup, tokens: int, runs: int = 3) -> float:
     """What rebuilding the middle span's cache costs in compute alone: its blocks over `tokens` tokens."""
     a, b = middle_split(setup)
     h = local.span.config.hidden_size
@@ -534,7 +542,7 @@ def replay_compute_s(local: LocalModel, setup: Setup, tokens: int, runs: int = 3
 
 
 def bench_recovery(
-    swarm: Swarm, local: LocalModel, setup: Setup, prompt: list[int], reference: list[int]
+    swarm: Swarm, local: SingleProcessModel, setup: Setup, prompt: list[int], reference: list[int]
 ) -> dict:
     a, b = middle_split(setup)
     spare = swarm.spawn_server(a, b, name="spare-0")
@@ -614,7 +622,7 @@ def profile_swarm(
     import pstats
 
     limit_threads(setup.threads)
-    local = LocalModel(model_dir)
+    local = SingleProcessModel(model_dir)
     prompt, _ = pick_prompt(local, setup)
     with Swarm(workdir / "swarm-profiled", model_dir, setup, profile_dir=out_dir) as swarm:
         for _ in range(2):
@@ -641,7 +649,7 @@ def profile_swarm(
 def run(setup: Setup, model_dir: Path, workdir: Path, only: tuple[str, ...] = BENCHMARKS) -> dict:
     limit_threads(setup.threads)
     results: dict = {"setup": setup.to_dict(), "load_before": load_average()}
-    local = LocalModel(model_dir)
+    local = SingleProcessModel(model_dir)
     prompt, reference = pick_prompt(local, setup)
     results["prompt"] = prompt
     with Swarm(workdir / "swarm", model_dir, setup) as swarm:

@@ -27,6 +27,8 @@ import torch
 from blocks import ClientParts, Span
 from peerd.client import Peer
 from peerd.demo.tiny import TinyLlama, write_tiny_llama
+from peerd.generation import Generation as Engine
+from peerd.generation import GenerationParams, LocalStep, run_sync
 from tests.launcher import DaemonProcess
 from tests.launcher import HarnessGroup as DaemonGroup
 
@@ -187,7 +189,12 @@ class Generation:
         return (len(self.times) - 1) / (self.times[-1] - self.times[0])
 
 
-class LocalModel:
+def fixed_length(new_tokens: int) -> GenerationParams:
+    """Greedy, exactly `new_tokens` tokens (no EOS stop): every run does the same steps."""
+    return GenerationParams(max_new_tokens=new_tokens, eos_token_id=())
+
+
+class SingleProcessModel:
     """The whole model in this process: the baseline every swarm figure is divided by."""
 
     def __init__(self, model_dir: Path) -> None:
@@ -195,24 +202,17 @@ class LocalModel:
         self.span = Span.load(model_dir, 0, self.parts.config.num_blocks)
 
     def generate(self, prompt: list[int], new_tokens: int) -> Generation:
-        parts, span = self.parts, self.span
+        vocab = self.parts.config.vocab_size
         began = time.perf_counter()
-        cache = span.new_cache(1, len(prompt) + new_tokens)
-        hidden = parts.embed(torch.tensor([prompt]))
-        tokens: list[int] = []
+        gen = Engine([prompt], fixed_length(new_tokens), vocab_size=vocab)
         times: list[float] = []
         with torch.no_grad():
-            for _ in range(new_tokens):
-                token = int(parts.logits(span.step(hidden, cache)[:, -1:])[0, -1].argmax())
-                tokens.append(token)
+            for _ in run_sync(gen, LocalStep(self.parts, self.span, gen.max_length)):
                 times.append(time.perf_counter() - began)
-                hidden = parts.embed(
-                    torch.tensor([[token]]), past_length=len(prompt) + len(tokens) - 1
-                )
-        return Generation(tokens, times, time.perf_counter() - began)
+        return Generation(gen.result()[0].token_ids, times, time.perf_counter() - began)
 
 
-def pick_prompt(local: LocalModel, setup: Setup, eos: int = 2) -> tuple[list[int], list[int]]:
+def pick_prompt(local: SingleProcessModel, setup: Setup, eos: int = 2) -> tuple[list[int], list[int]]:
     """A fixed prompt whose greedy continuation has no EOS (the daemon's generate stops there)."""
     g = torch.Generator().manual_seed(0)
     for _ in range(20):

@@ -23,12 +23,22 @@ import click
     "--top-p", type=click.FloatRange(min=0, max=1, min_open=True), default=1.0, show_default=True
 )
 @click.option(
+    "--min-p",
+    type=click.FloatRange(min=0, max=1),
+    default=None,
+    help="Drop tokens less likely than this times the most likely one (when sampling).",
+)
+@click.option(
     "--repetition-penalty",
     type=click.FloatRange(min=0, min_open=True),
     default=1.0,
     show_default=True,
 )
-@click.option("--stop", multiple=True, help="Stop when the text contains this (repeatable).")
+@click.option(
+    "--stop",
+    multiple=True,
+    help="Stop when the text contains this; the output ends before it (repeatable).",
+)
 @click.option("--seed", type=int, default=None)
 @click.option(
     "--socket",

@@ -187,6 +187,13 @@ class Generate(Message):
     compression: str = wired(COMPRESSION, default="none")
     allow: list[str] | None = wired(PEER_LIST, default=None)
     deny: list[str] | None = wired(PEER_LIST, default=None)
+    # later additions, transformers' meanings; a request without them means what it meant before
+    do_sample: bool | None = wired(Maybe(Flag()), default=None)  # None: sample iff temperature > 0
+    min_p: float | None = wired(Maybe(Float(0.0, 1.0)), default=None)
+    num_beams: int = wired(Int(1, 64), default=1)
+    length_penalty: float = wired(Float(-100.0, 100.0), default=1.0)
+    # None: the checkpoint's EOS ids (generation_config.json); []: never stop at an EOS id
+    eos_token_id: list[int] | None = wired(Maybe(ListOf(Int(0, 2**31), 64)), default=None)
 
     def validate(self) -> None:
         if (self.prompt is None) == (self.input_ids is None):
@@ -195,6 +202,10 @@ class Generate(Message):
             raise bad_request("generate.input_ids is empty")
         if self.top_p == 0.0:
             raise bad_request("generate.top_p must be > 0")
+        if self.do_sample and self.temperature == 0.0:
+            raise bad_request("generate.temperature must be > 0 when do_sample is true")
+        if self.num_beams > 1 and self.stop:
+            raise bad_request("generate.stop cannot be combined with num_beams > 1")
 
 
 @register

@@ -49,7 +49,10 @@ class Peer:
         top_k: int = 0,
         top_p: float = 1.0,
         repetition_penalty: float = 1.0,
+        min_p: float | None = None,
+        do_sample: bool | None = None,
         stop: Sequence[str] = (),
+        eos_token_id: Sequence[int] | None = None,
         seed: int | None = None,
         stream: bool = False,
         compression: str = "none",
@@ -59,7 +62,9 @@ class Peer:
         """Text (or token ids) in; the continuation's text out, or an iterator of its pieces.
 
         `model` is a checkpoint directory on the daemon's machine (it holds the embeddings,
-        head and tokenizer); temperature 0 is greedy decoding.
+        head and tokenizer); temperature 0 is greedy decoding (unless do_sample says
+        otherwise). `eos_token_id` None takes the checkpoint's EOS ids, [] never stops at one;
+        the text ends before the first `stop` string found.
         """
         request = api.Generate(
             model=str(model),
@@ -70,7 +75,10 @@ class Peer:
             top_k=top_k,
             top_p=float(top_p),
             repetition_penalty=float(repetition_penalty),
+            min_p=None if min_p is None else float(min_p),
+            do_sample=do_sample,
             stop=list(stop),
+            eos_token_id=None if eos_token_id is None else [int(t) for t in eos_token_id],
             seed=seed,
             compression=compression,
             allow=list(allow) if allow is not None else None,

@@ -3,7 +3,7 @@ transformers-style causal LM whose embeddings and head live here and whose block
 swarm through the daemon.
 
     model = AutoDistributedModelForCausalLM.from_pretrained("/models/llama-2-7b")
-    out = model.generate(input_ids, max_new_tokens=20)      # greedy, like transformers
+    out = model.generate(input_ids, max_new_tokens=20)      # like transformers' generate
     logits = model(input_ids).logits                         # differentiable through the swarm
 """
 
@@ -18,7 +18,14 @@ from torch import nn
 
 from blocks import ClientParts
 from peerd.client.peer import Peer
-from peerd.sampling import SamplingParams, next_tokens
+from peerd.generation import (
+    Generation,
+    GenerationParams,
+    StepRequest,
+    embed_request,
+    generate_sync,
+    last_logits,
+)
 
 
 class _ChainFunction(torch.autograd.Function):
@@ -112,43 +119,100 @@ class AutoDistributedModelForCausalLM(nn.Module):
     def generate(
         self,
         input_ids: torch.Tensor,
-        max_new_tokens: int = 20,
         *,
-        do_sample: bool = False,
-        temperature: float = 1.0,
-        top_k: int = 0,
-        top_p: float = 1.0,
-        repetition_penalty: float = 1.0,
-        eos_token_id: int | None = None,
+        attention_mask: torch.Tensor | None = None,
+        max_new_tokens: int | None = None,
+        do_sample: bool | None = None,
+        temperature: float | None = None,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        min_p: float | None = None,
+        repetition_penalty: float | None = None,
+        num_beams: int | None = None,
+        length_penalty: float | None = None,
+        early_stopping: bool | str | None = None,
+        num_return_sequences: int | None = None,
+        eos_token_id: int | list[int] | None = None,
+        pad_token_id: int | None = None,
         seed: int | None = None,
     ) -> torch.Tensor:
-        """Prompt ids [B, T] → [B, T + new] ids, transformers' `generate` semantics (no padding)."""
-        params = SamplingParams(
+        """Prompt ids [B, T] -> [B * num_return_sequences, T + new] ids, as transformers' generate.
+
+        Arguments left None take the checkpoint's generation_config.json, then transformers'
+        defaults (greedy; when sampling temperature 1.0, top_k 50). `attention_mask` marks left
+        padding (0s first). Rows that end early (EOS) are filled with the pad token.
+        """
+        params = GenerationParams.from_checkpoint(
+            self.path,
             max_new_tokens=max_new_tokens,
-            temperature=temperature if do_sample else 0.0,
+            do_sample=do_sample,
+            temperature=temperature,
             top_k=top_k,
             top_p=top_p,
+            min_p=min_p,
             repetition_penalty=repetition_penalty,
+            num_beams=num_beams,
+            length_penalty=length_penalty,
+            early_stopping=early_stopping,
+            num_return_sequences=num_return_sequences,
+            eos_token_id=eos_token_id,
+            pad_token_id=pad_token_id,
             seed=seed,
         )
-        params.validate()
-        generator = torch.Generator().manual_seed(seed) if seed is not None else None
-        ids = input_ids
-        batch = ids.shape[0]
-        finished = torch.zeros(batch, dtype=torch.bool)
-        with self.peer.session(
-            self.path, ids.shape[1] + max_new_tokens, batch_size=batch
-        ) as session:
-            hidden = self.parts.embed(ids)
-            for _ in range(max_new_tokens):
-                out = session.step(hidden.float())
-                logits = self.parts.logits(out[:, -1:].to(self.parts.dtype))[:, -1]
-                token = next_tokens(logits, ids, params, generator)
-                if eos_token_id is not None:
-                    token = torch.where(finished, torch.full_like(token, eos_token_id), token)
-                    finished |= token == eos_token_id
-                ids = torch.cat([ids, token[:, None]], dim=1)
-                if eos_token_id is not None and bool(finished.all()):
-                    break
-                hidden = self.parts.embed(token[:, None], past_length=ids.shape[1] - 1)
-        return ids
+        prompts = _unpadded_prompts(input_ids, attention_mask)
+        gen = Generation(prompts, params, vocab_size=self.config.vocab_size)
+        if gen.pad_lengths is not None:
+            # NEEDS-WIRE: OpenChain(pad_lengths=gen.pad_lengths) through Peer.session
+            raise NotImplementedError(
+                "prompts of different lengths (left padding) need pad_lengths on the chain, "
+                "which the daemon's socket API does not carry yet"
+            )
+        if params.num_beams > 1:
+            # NEEDS-WIRE: ChainStep(reorder=request.reorder) through ChainSession.step
+            raise NotImplementedError(
+                "beam search needs the chain to reorder its caches, which the daemon's socket "
+                "API does not carry yet"
+            )
+        parts = self.parts
+        with self.peer.session(self.path, gen.max_length, batch_size=gen.rows) as session:
+
+            def step(request: StepRequest) -> torch.Tensor:
+                hidden = embed_request(parts, request).float()
+                return last_logits(parts, session.step(hidden))
+
+            results = generate_sync(gen, step)
+        return _output_ids(input_ids, results, params.pad_id)
+
+
+def _unpadded_prompts(input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> list:
+    """Each row's ids without its left padding (attention_mask 0s come first, then 1s)."""
+    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
+        raise ValueError("input_ids must be a [batch, tokens] tensor")
+    rows = input_ids.tolist()
+    if attention_mask is None:
+        return rows
+    if attention_mask.shape != input_ids.shape:
+        raise ValueError(
+            f"attention_mask has shape {tuple(attention_mask.shape)}; input_ids has "
+            f"{tuple(input_ids.shape)}"
+        )
+    prompts = []
+    for i, (ids, mask) in enumerate(zip(rows, attention_mask.tolist(), strict=True)):
+        pads = mask.index(1) if 1 in mask else len(mask)
+        if any(m != 0 for m in mask[:pads]) or any(m != 1 for m in mask[pads:]):
+            raise ValueError(f"attention_mask row {i} is not left padding (0s, then 1s): {mask}")
+        prompts.append(ids[pads:])
+    return prompts
+
+
+def _output_ids(input_ids: torch.Tensor, results: list, pad_id: int) -> torch.Tensor:
+    """The input rows (as given, padding included), each followed by its new ids, filled with
+    `pad_id` to the longest; a prompt's sequences in consecutive rows, as transformers does."""
+    news = [seq.token_ids for result in results for seq in result.sequences]
+    width = max(len(n) for n in news)
+    copies = len(news) // input_ids.shape[0]
+    rows = [
+        input_ids[i // copies].tolist() + new + [pad_id] * (width - len(new))
+        for i, new in enumerate(news)
+    ]
+    return torch.tensor(rows, dtype=input_ids.dtype, device=input_ids.device)

@@ -19,25 +19,32 @@ from blocks import ClientParts, Span
 from peerd.client import Peer
 from peerd.demo.processes import DaemonGroup, wait_until_listed
 from peerd.demo.tiny import TinyLlama, write_tiny_llama
+from peerd.generation import (
+    Generation,
+    GenerationParams,
+    LocalStep,
+    StepRequest,
+    embed_request,
+    generate_sync,
+    last_logits,
+)
 
 PROMPT = "A swarm is only as fast as"
 SERVERS = (("server-a", "0:4"), ("server-b", "4:8"), ("server-c", "4:8"))
+
+
+def greedy_params(new_tokens: int) -> GenerationParams:
+    """Exactly `new_tokens` greedy tokens (no EOS stop), so both runs are the same length."""
+    return GenerationParams(max_new_tokens=new_tokens, eos_token_id=())
 
 
 def local_greedy(model_dir: Path, input_ids: list[int], new_tokens: int) -> list[int]:
     """Single-process generation with the same weights: the reference the swarm must match."""
     parts = ClientParts.load(model_dir)
     span = Span.load(model_dir, 0, parts.config.num_blocks)
-    cache = span.new_cache(1, len(input_ids) + new_tokens)
-    ids = torch.tensor([input_ids])
-    hidden = parts.embed(ids)
-    out: list[int] = []
+    gen = Generation([input_ids], greedy_params(new_tokens), vocab_size=parts.config.vocab_size)
     with torch.no_grad():
-        for _ in range(new_tokens):
-            token = int(parts.logits(span.step(hidden, cache)[:, -1:])[0, -1].argmax())
-            out.append(token)
-            hidden = parts.embed(torch.tensor([[token]]), past_length=len(input_ids) + len(out) - 1)
-    return out
+        return generate_sync(gen, LocalStep(parts, span, gen.max_length))[0].token_ids
 
 
 def _short(peer_id: str) -> str:
@@ -72,37 +79,43 @@ def run_demo(
         by_peer = {d.peer_id: name for name, d in servers.items()}
 
         echo(f"3. Generating {new_tokens} tokens greedily after {PROMPT!r}")
-        ids = torch.tensor([input_ids])
-        generated: list[int] = []
+        gen = Generation(
+            [input_ids],
+            greedy_params(new_tokens),
+            tokenizer=tokenizer,
+            vocab_size=parts.config.vocab_size,
+        )
         killed = None
-        with peer.session(model_dir, len(input_ids) + new_tokens) as session:
+        with peer.session(model_dir, gen.max_length) as session:
             echo(
                 "   route: "
                 + "  →  ".join(f"{by_peer.get(p, p)}[{a}..{b - 1}]" for p, a, b in session.route)
             )
-            hidden = parts.embed(ids)
-            for step in range(new_tokens):
-                if step == kill_after:
+            steps = 0
+
+            def step(request: StepRequest) -> torch.Tensor:
+                nonlocal steps, killed
+                if steps == kill_after:
                     victim = session.route[-1][0]
                     killed = by_peer[victim]
                     servers[killed].kill()
                     echo(
-                        f"\n   ✗ killed {killed} ({_short(victim)}) with SIGKILL after {step} tokens"
+                        f"\n   ✗ killed {killed} ({_short(victim)}) with SIGKILL after {steps} tokens"
                     )
                 t0 = time.monotonic()
-                out = session.step(hidden)
-                token = int(parts.logits(out[:, -1:])[0, -1].argmax())
-                generated.append(token)
-                if step == kill_after:
+                out = session.step(embed_request(parts, request))
+                if steps == kill_after:
                     echo(
                         f"   ✓ recovered in {time.monotonic() - t0:.2f} s; route now: "
                         + "  →  ".join(
                             f"{by_peer.get(p, p)}[{a}..{b - 1}]" for p, a, b in session.route
                         )
                     )
-                hidden = parts.embed(
-                    torch.tensor([[token]]), past_length=len(input_ids) + len(generated) - 1
-                )
+                steps += 1
+                return last_logits(parts, out)
+
+            with torch.no_grad():
+                generated = generate_sync(gen, step)[0].token_ids
         text = tokenizer.decode(generated)
         echo(f"   swarm output:     {text!r}")
         echo(f"   single process:   {tokenizer.decode(reference)!r}")

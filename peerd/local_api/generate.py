@@ -1,15 +1,20 @@
-"""The Generate request: text (or token ids) in, tokens streamed back as they are chosen."""
+"""The Generate request: text (or token ids) in, tokens streamed back as they are chosen.
+
+The engine (`peerd.generation`) decides; this handler only moves tensors: per step, one
+worker-thread hop for the LM head, the choice and the next step's embedding, and one chain
+step through the swarm.
+"""
 
 from __future__ import annotations
 
 import torch
 import trio
 
-from peerd.generation import generate_ids
+from peerd.generation import Generation, embed_request, last_logits
 from peerd.local_api.chains import ChainFactory
 from peerd.local_api.connection import ApiConnection
+from peerd.local_api.generate_params import params_for_request
 from peerd.models import ModelRegistry
-from peerd.sampling import SamplingParams
 from wire import ErrorCode, WireError
 from wire import local as api
 
@@ -28,78 +33,72 @@ class GenerateHandler:
                 f"to generate, this daemon needs the checkpoint directory of {resolved.model_id} "
                 "(pass its path as the model)",
             )
-        params = SamplingParams(
-            max_new_tokens=request.max_new_tokens,
-            temperature=request.temperature,
-            top_k=request.top_k,
-            top_p=request.top_p,
-            repetition_penalty=request.repetition_penalty,
-            stop=tuple(request.stop),
-            seed=request.seed,
-        )
+        parts = local.parts
         try:
+            params = await trio.to_thread.run_sync(params_for_request, request, local.path)
             ids = (
                 request.input_ids
                 if request.input_ids is not None
                 else local.encode(request.prompt or "")
             )
+            if not ids:
+                raise ValueError("the prompt encodes to no tokens")
+            gen = Generation(
+                [ids], params, tokenizer=local.tokenizer, vocab_size=parts.config.vocab_size
+            )
         except ValueError as exc:
             raise WireError(ErrorCode.BAD_REQUEST, str(exc)) from None
-        if not ids:
-            raise WireError(ErrorCode.BAD_REQUEST, "the prompt encodes to no tokens")
-        vocab = local.parts.config.vocab_size
-        if max(ids) >= vocab:
-            raise WireError(
-                ErrorCode.BAD_REQUEST, f"token id {max(ids)} is outside the vocabulary ({vocab})"
-            )
         options = self.chains.options(
             resolved.model_id,
             resolved.num_blocks,
-            len(ids) + params.max_new_tokens,
+            gen.max_length,
+            batch_size=gen.rows,
             compression=request.compression,
             allow=request.allow,
             deny=request.deny,
         )
+        options.pad_lengths = gen.pad_lengths
         chain = self.chains.chain(options)
-        new_ids: list[int] = []
-        text = ""
-        stop_reason = "length"
+
+        def advance(out: torch.Tensor):
+            """In a worker thread: LM head, pick the tokens, embed the next step's."""
+            update = gen.feed(last_logits(parts, out))
+            if update.next is None:
+                return update.events, None, None
+            return update.events, embed_request(parts, update.next).float(), update.next.reorder
+
         route: list[tuple[str, int, int]] = []
         try:
             await chain.open()
-            async for token in generate_ids(chain, local, torch.tensor([ids]), params):
-                new_ids.append(int(token[0]))
-                full = local.decode(new_ids)
-                piece = ""
-                if not full.endswith("\ufffd"):  # hold back a character still being spelled
-                    piece, text = full[len(text) :], full
-                await conn.reply(api.GeneratedToken(token_id=new_ids[-1], text=piece))
-                if new_ids[-1] in local.eos_token_ids:
-                    stop_reason = "eos"
-                    break
-                if any(s and s in text for s in params.stop):
-                    stop_reason = "stop"
-                    break
+            first = gen.first_request()
+            hidden = await trio.to_thread.run_sync(lambda: embed_request(parts, first).float())
+            reorder = None
+            while hidden is not None:
+                out = await chain.step(hidden, reorder=reorder)
+                events, hidden, reorder = await trio.to_thread.run_sync(advance, out)
+                for event in events:
+                    await conn.reply(api.GeneratedToken(token_id=event.token_id, text=event.text))
             route = chain.route
         finally:
             with trio.CancelScope(shield=True):
                 await chain.aclose()
-        recoveries = [
-            {
-                "failed_peer": r.failed_peer,
-                "reason": r.reason,
-                "from_block": r.from_block,
-                "replayed_tokens": r.replayed_tokens,
-                "seconds": r.seconds,
-            }
-            for r in chain.recoveries
-        ]
+        result = gen.result()[0]
         await conn.reply(
             api.GenerationDone(
-                token_ids=new_ids,
-                text=local.decode(new_ids),
-                stop_reason=stop_reason,
+                token_ids=result.token_ids,
+                text=result.text,
+                stop_reason=result.finish_reason,
                 route=route,
-                recoveries=recoveries,
+                recoveries=[recovery_summary(r) for r in chain.recoveries],
             )
         )
+
+
+def recovery_summary(event) -> dict:
+    return {
+        "failed_peer": event.failed_peer,
+        "reason": event.reason,
+        "from_block": event.from_block,
+        "replayed_tokens": event.replayed_tokens,
+        "seconds": event.seconds,
+    }
