@@ -6,12 +6,15 @@ some checkpoints omit the `transformer.` prefix).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .config import ModelConfig
 from .layers import AttnContext, alibi_bias, alibi_slopes, attend
+from .masks import pad_tensor
 
 BASE_PREFIXES = ("transformer.", "")
 LAYERS = "h"
@@ -64,13 +67,18 @@ class BloomBlock(nn.Module):
 
 
 class BloomPositions:
-    """ALiBi: a per-head linear bias on key distance, merged with the causal mask."""
+    """ALiBi: a per-head linear bias on key distance, merged with the causal (and padding) mask.
+    Being relative, it needs no per-row positions under left padding."""
 
     def __init__(self, cfg: ModelConfig, device: torch.device):
         self.slopes = alibi_slopes(cfg.num_heads).to(device)
 
-    def __call__(self, pos: int, length: int, dtype: torch.dtype) -> AttnContext:
-        return AttnContext(pos, length, mask=alibi_bias(self.slopes, pos, length, dtype))
+    def __call__(
+        self, pos: int, length: int, dtype: torch.dtype, pad_lengths: Sequence[int] | None = None
+    ) -> AttnContext:
+        pads = pad_tensor(pad_lengths, self.slopes.device)
+        mask = alibi_bias(self.slopes, pos, length, dtype, pads=pads)
+        return AttnContext(pos, length, mask=mask, pads=pads)
 
 
 class BloomClient(nn.Module):
@@ -83,7 +91,7 @@ class BloomClient(nn.Module):
         self.ln_f = nn.LayerNorm(cfg.hidden_size, eps=cfg.norm_eps)
         self.lm_head = None if tied else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
 
-    def embed(self, input_ids: Tensor, past_length: int) -> Tensor:
+    def embed(self, input_ids: Tensor, past_length: int, pads: Tensor | None = None) -> Tensor:
         return self.word_embeddings_layernorm(self.word_embeddings(input_ids))
 
     def logits(self, hidden: Tensor) -> Tensor:

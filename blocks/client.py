@@ -2,12 +2,14 @@
 
 Embeddings turn token ids into the first block's input (BLOOM adds its embedding LayerNorm,
 OPT its learned positions, which is why `embed` takes the number of tokens already processed);
-`logits` applies the final norm and the LM head. Both stay differentiable w.r.t. their float
+`logits` applies the final norm and the LM head. With left-padded rows (`pad_lengths`, see
+masks.py) OPT's positions count from each row's first real token. Both stay differentiable w.r.t. their float
 inputs so a client can fine-tune prompts end to end; the weights never require grad.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -17,6 +19,7 @@ from .checkpoint import Checkpoint, fresh_copy
 from .config import ModelConfig, load_config
 from .errors import CheckpointError, InputError
 from .families import family_of
+from .masks import check_pad_lengths, pad_tensor
 from .span import check_dtype
 
 HEAD_PREFIX = "lm_head."
@@ -61,8 +64,18 @@ class ClientParts:
         module.requires_grad_(False)
         return cls(config, module.to(device).eval(), dtype, device)
 
-    def embed(self, input_ids: Tensor, past_length: int = 0) -> Tensor:
-        """Token ids [B, T] at positions past_length.. -> first block's input [B, T, H]."""
+    def embed(
+        self,
+        input_ids: Tensor,
+        past_length: int = 0,
+        *,
+        pad_lengths: Sequence[int] | None = None,
+    ) -> Tensor:
+        """Token ids [B, T] at absolute positions past_length.. -> first block's input [B, T, H].
+
+        `pad_lengths`: left padding of each row (ints >= 0), the same as given to the span; OPT's
+        learned positions are then absolute - pad (0 on the pads), others ignore it.
+        """
         vocab = self.config.vocab_size
         if not isinstance(input_ids, Tensor):
             raise InputError(f"input_ids must be a tensor; got {type(input_ids).__name__}")
@@ -82,12 +95,13 @@ class ClientParts:
             )
         if not isinstance(past_length, int) or past_length < 0:
             raise InputError(f"past_length must be an int >= 0; got {past_length!r}")
+        pad_lengths = check_pad_lengths(pad_lengths, input_ids.shape[0])
         limit = self.config.max_position_embeddings
-        if self.config.family == "opt" and past_length + input_ids.shape[1] > limit:
-            raise InputError(
-                f"positions up to {past_length + input_ids.shape[1]} exceed OPT's {limit} learned positions"
-            )
-        return self.module.embed(input_ids.long().to(self.device), past_length)
+        top = past_length + input_ids.shape[1] - (min(pad_lengths) if pad_lengths else 0)
+        if self.config.family == "opt" and top > limit:
+            raise InputError(f"positions up to {top} exceed OPT's {limit} learned positions")
+        pads = pad_tensor(pad_lengths, self.device)
+        return self.module.embed(input_ids.long().to(self.device), past_length, pads)
 
     def logits(self, hidden: Tensor) -> Tensor:
         """Last block's output [B, T, H] -> logits [B, T, vocab] (final norm + LM head)."""

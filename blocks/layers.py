@@ -3,7 +3,7 @@
 Positions are computed once per call for all blocks of a span (`AttnContext`), not per block:
 the rotary cos/sin of the new tokens, or BLOOM's ALiBi bias, plus the causal mask when
 `scaled_dot_product_attention`'s own `is_causal` does not fit (new tokens after a cached prefix,
-sliding windows).
+sliding windows). With left padding (see masks.py) the tables and the mask are per row.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .config import RopeConfig
+from .masks import padded_mask, real_positions
 
 ACT_FNS: dict[str, Callable[[Tensor], Tensor]] = {
     "silu": F.silu,
@@ -51,18 +52,26 @@ class AttnContext:
     mask: Tensor | None = None  # bool (True = attend) or additive float, [.., length, pos+length]
     is_causal: bool = False
     cos: Tensor | None = None  # rotary tables of the new tokens, [length, head_dim]
-    sin: Tensor | None = None
+    sin: Tensor | None = None  # (or [B, 1, length, head_dim], one per row, with padding)
+    pads: Tensor | None = None  # left padding per row, LongTensor [B]; None if no row is padded
 
 
 def causal_mask(
-    pos: int, length: int, device: torch.device, window: int | None = None
+    pos: int,
+    length: int,
+    device: torch.device,
+    window: int | None = None,
+    pads: Tensor | None = None,
 ) -> tuple[Tensor | None, bool]:
     """(mask, is_causal) for `length` new queries at `pos` over keys [0, pos+length).
 
     Returns no mask when SDPA can do without one: a single query sees every key, and a prefill
     from position 0 is SDPA's own `is_causal`. Key j is visible to query i iff j <= i and, with a
-    sliding window W, j > i - W (Mistral's convention).
+    sliding window W, j > i - W (Mistral's convention). Left-padded rows (`pads`) always get a
+    per-row mask [B, 1, length, pos+length] (masks.padded_mask).
     """
+    if pads is not None:
+        return padded_mask(pos, length, pads, window), False
     total = pos + length
     if window is None or total <= window:
         if length == 1:
@@ -126,12 +135,18 @@ def rope_inv_freq(rope: RopeConfig, head_dim: int) -> Tensor:
 
 
 def rope_tables(
-    inv_freq: Tensor, pos: int, length: int, dtype: torch.dtype
+    inv_freq: Tensor, pos: int, length: int, dtype: torch.dtype, pads: Tensor | None = None
 ) -> tuple[Tensor, Tensor]:
-    """cos and sin [length, head_dim] of positions pos..pos+length-1, computed in float32."""
-    positions = torch.arange(pos, pos + length, device=inv_freq.device, dtype=torch.float32)
-    freqs = positions[:, None] * inv_freq[None, :]
+    """cos and sin [length, head_dim] of positions pos..pos+length-1, computed in float32;
+    with `pads`, [B, 1, length, head_dim] of each row's real positions (masks.real_positions)."""
+    if pads is None:
+        positions = torch.arange(pos, pos + length, device=inv_freq.device, dtype=torch.float32)
+    else:
+        positions = real_positions(pos, length, pads).to(torch.float32)
+    freqs = positions[..., None] * inv_freq
     emb = torch.cat((freqs, freqs), dim=-1)
+    if pads is not None:
+        emb = emb[:, None]
     return emb.cos().to(dtype), emb.sin().to(dtype)
 
 
@@ -155,18 +170,29 @@ def alibi_slopes(num_heads: int) -> Tensor:
 
 
 def alibi_bias(
-    slopes: Tensor, pos: int, length: int, dtype: torch.dtype, window: int | None = None
+    slopes: Tensor,
+    pos: int,
+    length: int,
+    dtype: torch.dtype,
+    window: int | None = None,
+    pads: Tensor | None = None,
 ) -> Tensor:
-    """Additive [1, heads, length, pos+length] bias: -slope * distance, -inf on future keys.
+    """Additive [1, heads, length, pos+length] bias: -slope * distance, -inf on future keys;
+    [B, heads, ...] with `pads`, -inf on padded keys too (masks.padded_mask).
 
     The reference adds slope * key_index; softmax is invariant to a per-row constant, and the
-    relative form keeps the values small, which matters in float16.
+    relative form keeps the values small, which matters in float16. For the same reason left
+    padding changes nothing but the mask: the reference's per-row key positions (key_index - pad)
+    differ from ours by a constant per row.
     """
     device = slopes.device
     total = pos + length
     q = torch.arange(pos, total, device=device)[:, None]
     k = torch.arange(total, device=device)[None, :]
     bias = slopes[:, None, None] * (k - q).to(torch.float32)[None]
+    if pads is not None:
+        allowed = padded_mask(pos, length, pads, window)
+        return bias[None].masked_fill(~allowed, float("-inf")).to(dtype)
     allowed = k <= q
     if window is not None:
         allowed &= k > q - window

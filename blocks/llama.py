@@ -6,6 +6,8 @@ so a block's state dict is the checkpoint's tensors with the layer prefix stripp
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import Tensor, nn
 
@@ -20,6 +22,7 @@ from .layers import (
     rope_inv_freq,
     rope_tables,
 )
+from .masks import pad_tensor
 
 BASE_PREFIXES = ("model.",)  # checkpoint names of the model body start with one of these
 LAYERS = "layers"  # block i lives under f"{base}{LAYERS}.{i}."
@@ -76,16 +79,21 @@ class LlamaBlock(nn.Module):
 
 
 class LlamaPositions:
-    """Builds the AttnContext of a call: rotary tables and, when needed, a mask."""
+    """Builds the AttnContext of a call: rotary tables and, when needed, a mask (per row, and
+    rotary at each row's real positions, when rows are left-padded)."""
 
     def __init__(self, cfg: ModelConfig, device: torch.device):
         self.inv_freq = rope_inv_freq(cfg.rope, cfg.head_dim).to(device)
         self.window = cfg.sliding_window
 
-    def __call__(self, pos: int, length: int, dtype: torch.dtype) -> AttnContext:
-        cos, sin = rope_tables(self.inv_freq, pos, length, dtype)
-        mask, is_causal = causal_mask(pos, length, self.inv_freq.device, self.window)
-        return AttnContext(pos, length, mask=mask, is_causal=is_causal, cos=cos, sin=sin)
+    def __call__(
+        self, pos: int, length: int, dtype: torch.dtype, pad_lengths: Sequence[int] | None = None
+    ) -> AttnContext:
+        device = self.inv_freq.device
+        pads = pad_tensor(pad_lengths, device)
+        cos, sin = rope_tables(self.inv_freq, pos, length, dtype, pads)
+        mask, is_causal = causal_mask(pos, length, device, self.window, pads)
+        return AttnContext(pos, length, mask=mask, is_causal=is_causal, cos=cos, sin=sin, pads=pads)
 
 
 class LlamaClient(nn.Module):
@@ -97,7 +105,7 @@ class LlamaClient(nn.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
         self.lm_head = None if tied else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
 
-    def embed(self, input_ids: Tensor, past_length: int) -> Tensor:
+    def embed(self, input_ids: Tensor, past_length: int, pads: Tensor | None = None) -> Tensor:
         return self.embed_tokens(input_ids)
 
     def logits(self, hidden: Tensor) -> Tensor:

@@ -6,12 +6,15 @@ position information beyond the causal mask. Names mirror `model.decoder.layers.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .config import ModelConfig
 from .layers import ACT_FNS, AttnContext, attend, causal_mask
+from .masks import pad_tensor, real_positions
 
 BASE_PREFIXES = ("model.decoder.", "decoder.")
 LAYERS = "layers"
@@ -66,14 +69,17 @@ class OPTBlock(nn.Module):
 
 
 class OPTPositions:
-    """Only the causal mask: OPT's positions live in the embeddings."""
+    """Only the causal (and padding) mask: OPT's positions live in the embeddings."""
 
     def __init__(self, cfg: ModelConfig, device: torch.device):
         self.device = device
 
-    def __call__(self, pos: int, length: int, dtype: torch.dtype) -> AttnContext:
-        mask, is_causal = causal_mask(pos, length, self.device)
-        return AttnContext(pos, length, mask=mask, is_causal=is_causal)
+    def __call__(
+        self, pos: int, length: int, dtype: torch.dtype, pad_lengths: Sequence[int] | None = None
+    ) -> AttnContext:
+        pads = pad_tensor(pad_lengths, self.device)
+        mask, is_causal = causal_mask(pos, length, self.device, pads=pads)
+        return AttnContext(pos, length, mask=mask, is_causal=is_causal, pads=pads)
 
 
 class OPTClient(nn.Module):
@@ -90,11 +96,16 @@ class OPTClient(nn.Module):
         self.final_layer_norm = _layer_norm(cfg, h) if cfg.final_layer_norm else None
         self.lm_head = None if tied else nn.Linear(e, cfg.vocab_size, bias=False)
 
-    def embed(self, input_ids: Tensor, past_length: int) -> Tensor:
+    def embed(self, input_ids: Tensor, past_length: int, pads: Tensor | None = None) -> Tensor:
+        """With left padding (`pads` [B]), each row's positions start at its first real token
+        (pads themselves get position 0), as transformers' OPT derives them from attention_mask."""
         x = self.embed_tokens(input_ids)
         if self.project_in is not None:
             x = self.project_in(x)
         t = input_ids.shape[1]
+        if pads is not None:
+            positions = real_positions(past_length, t, pads)
+            return x + self.embed_positions(positions + POSITION_OFFSET)
         positions = torch.arange(past_length, past_length + t, device=input_ids.device)
         return x + self.embed_positions(positions + POSITION_OFFSET)[None]
 

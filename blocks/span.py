@@ -7,12 +7,18 @@ that fine-tune; the weights themselves never get gradients and are never modifie
 
 Every method also takes an absolute sub-interval [start, end) of the span, so one loaded span
 can serve a client that needs only part of it.
+
+Batches of sequences of different lengths are left-padded (`pad_lengths`, see masks.py), as
+transformers' `generate` does: each row then computes, at its real tokens, what it would alone.
+`forward` and `backward` take `pad_lengths`; `step` reads them from the cache. Right-padded
+batches need no argument (causal attention never looks ahead); callers ignore the pads' outputs.
+Deep prompts follow each row's real positions: prompt position p goes to the row's p-th real
+token (absolute index p + pad), so a padded row gets the prompt exactly as it would alone.
 """
 
 from __future__ import annotations
 
-import operator
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -24,6 +30,8 @@ from .config import ModelConfig, load_config
 from .errors import BlockRangeError, CheckpointError, InputError
 from .families import family_of
 from .layers import AttnContext
+from .masks import as_index, check_pad_lengths
+from .prompts import add_prompt, check_prompts
 from .quant import check_quant, quantize_linears
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -38,19 +46,9 @@ def check_dtype(dtype: torch.dtype | str) -> torch.dtype:
     return dtype
 
 
-def _as_index(value: object) -> int | None:
-    """ints and int-likes (numpy integers); None for anything else, bools included."""
-    if isinstance(value, bool):
-        return None
-    try:
-        return operator.index(value)
-    except TypeError:
-        return None
-
-
 def check_block_range(config: ModelConfig, start: int, end: int) -> tuple[int, int]:
     """(start, end) as ints if they are a non-empty interval of the model's blocks."""
-    s, e = _as_index(start), _as_index(end)
+    s, e = as_index(start), as_index(end)
     if s is None or e is None or not 0 <= s < e <= config.num_blocks:
         raise BlockRangeError(
             f"block range [{start}, {end}) is outside the model's blocks [0, {config.num_blocks})"
@@ -128,12 +126,30 @@ class Span:
         return cache_bytes_per_token(self.config, self.dtype, end - start, batch_size)
 
     def new_cache(
-        self, batch_size: int, max_length: int, start: int | None = None, end: int | None = None
+        self,
+        batch_size: int,
+        max_length: int,
+        start: int | None = None,
+        end: int | None = None,
+        *,
+        pad_lengths: Sequence[int] | None = None,
     ) -> KVCache:
         """Allocate a session's cache for blocks [start, end) now, all `max_length` positions of it
-        (its `nbytes` is exactly what `cache_bytes_per_token(batch_size, start, end) * max_length` said)."""
+        (its `nbytes` is exactly what `cache_bytes_per_token(batch_size, start, end) * max_length` said).
+
+        `pad_lengths`: left padding of each row (ints in [0, max_length)), honoured by `step`.
+        """
         start, end = self._interval(start, end)
-        return KVCache(self.config, start, end, batch_size, max_length, self.dtype, self.device)
+        return KVCache(
+            self.config,
+            start,
+            end,
+            batch_size,
+            max_length,
+            self.dtype,
+            self.device,
+            pad_lengths=pad_lengths,
+        )
 
     # -- compute ------------------------------------------------------------------------------
 
@@ -143,17 +159,25 @@ class Span:
         prompts: Tensor | None = None,
         start: int | None = None,
         end: int | None = None,
+        *,
+        pad_lengths: Sequence[int] | None = None,
     ) -> Tensor:
-        """Run blocks [start, end) over whole sequences [B, T, H] starting at position 0."""
+        """Run blocks [start, end) over whole sequences [B, T, H] starting at position 0.
+
+        `pad_lengths`: left padding of each row (ints in [0, T)); pads' outputs are meaningless.
+        """
         start, end = self._interval(start, end)
         x = self._check_hidden(hidden, "hidden")
-        prompts = self._check_prompts(prompts, end - start, x)
+        pads = check_pad_lengths(pad_lengths, x.shape[0], x.shape[1])
+        prompts = self._prompts(prompts, end - start, x)
         with torch.no_grad():
-            return self._run(x, start, end, self._positions(0, x.shape[1], self.dtype), prompts)
+            ctx = self._positions(0, x.shape[1], self.dtype, pads)
+            return self._run(x, start, end, ctx, prompts)
 
     def step(self, hidden: Tensor, cache: KVCache, prompts: Tensor | None = None) -> Tensor:
         """Run the cache's blocks over T >= 1 new tokens at positions cache.length.., appending
-        their keys and values. The cache advances only if the whole step succeeds."""
+        their keys and values. The cache advances only if the whole step succeeds.
+        Rows are left-padded by cache.pad_lengths (set at `new_cache`, permuted by `reorder`)."""
         if not isinstance(cache, KVCache):
             raise InputError(f"cache must be a KVCache; got {type(cache).__name__}")
         self._interval(cache.start, cache.end)
@@ -172,9 +196,9 @@ class Span:
                 f"{length} new tokens after {cache.length} cached exceed the cache's max_length "
                 f"{cache.max_length}"
             )
-        prompts = self._check_prompts(prompts, cache.end - cache.start, x, in_step=True)
+        prompts = self._prompts(prompts, cache.end - cache.start, x, in_step=True)
         with torch.no_grad():
-            ctx = self._positions(cache.length, length, self.dtype)
+            ctx = self._positions(cache.length, length, self.dtype, cache.pad_lengths)
             out = self._run(x, cache.start, cache.end, ctx, prompts, cache)
         cache.length += length
         return out
@@ -186,26 +210,32 @@ class Span:
         prompts: Tensor | None = None,
         start: int | None = None,
         end: int | None = None,
+        *,
+        pad_lengths: Sequence[int] | None = None,
     ) -> tuple[Tensor, Tensor | None]:
-        """Gradients of <forward(hidden, prompts), grad_out> w.r.t. hidden and prompts.
+        """Gradients of <forward(hidden, prompts, pad_lengths=...), grad_out> w.r.t. hidden and
+        prompts. Recomputes the forward pass (the server keeps no activations between calls).
 
-        Recomputes the forward pass (the server keeps no activations between calls).
+        With `pad_lengths` a row's real outputs do not depend on its pads, so zeroing grad_out on
+        the pads gives each row exactly the gradients it would get alone.
         """
         start, end = self._interval(start, end)
         x = self._check_hidden(hidden, "hidden")
+        pads = check_pad_lengths(pad_lengths, x.shape[0], x.shape[1])
         grad_out = self._check_hidden(grad_out, "grad_out")
         if grad_out.shape != x.shape:
             raise InputError(
                 f"grad_out must have the shape of hidden {tuple(x.shape)}; got {tuple(grad_out.shape)}"
             )
-        prompts = self._check_prompts(prompts, end - start, x)
+        prompts = self._prompts(prompts, end - start, x)
         with torch.enable_grad():
             x = x.detach().requires_grad_(True)
             inputs = [x]
             if prompts is not None:
                 prompts = prompts.detach().requires_grad_(True)
                 inputs.append(prompts)
-            out = self._run(x, start, end, self._positions(0, x.shape[1], self.dtype), prompts)
+            ctx = self._positions(0, x.shape[1], self.dtype, pads)
+            out = self._run(x, start, end, ctx, prompts)
             grads = torch.autograd.grad(out, inputs, grad_out)
         return grads[0], (grads[1] if prompts is not None else None)
 
@@ -220,7 +250,7 @@ class Span:
     ) -> Tensor:
         for index in range(start, end):
             if prompts is not None:
-                x = _add_prompt(x, prompts[index - start], ctx.pos)
+                x = add_prompt(x, prompts[index - start], ctx.pos, ctx.pads)
             kv = None
             if cache is not None:
                 kv = (cache.keys[index - cache.start], cache.values[index - cache.start])
@@ -230,8 +260,8 @@ class Span:
     # -- validation -----------------------------------------------------------------------------
 
     def _interval(self, start: int | None, end: int | None) -> tuple[int, int]:
-        s = self.start if start is None else _as_index(start)
-        e = self.end if end is None else _as_index(end)
+        s = self.start if start is None else as_index(start)
+        e = self.end if end is None else as_index(end)
         if s is None or e is None or not self.start <= s < e <= self.end:
             raise BlockRangeError(
                 f"blocks [{start}, {end}) are not a non-empty part of this span's "
@@ -252,39 +282,12 @@ class Span:
             raise InputError(f"{name} must be {self.dtype}; got {hidden.dtype}")
         return hidden.to(self.device)
 
-    def _check_prompts(
+    def _prompts(
         self, prompts: Tensor | None, num_blocks: int, x: Tensor, in_step: bool = False
     ) -> Tensor | None:
-        if prompts is None:
-            return None
-        h, (batch, length) = self.config.hidden_size, x.shape[:2]
-        if not isinstance(prompts, Tensor):
-            raise InputError(f"prompts must be a tensor; got {type(prompts).__name__}")
-        ok = (
-            prompts.dim() == 4
-            and prompts.shape[0] == num_blocks
-            and prompts.shape[1] in (1, batch)
-            and prompts.shape[3] == h
-            and (in_step or prompts.shape[2] <= length)
+        return check_prompts(
+            prompts, num_blocks, x, self.config.hidden_size, self.dtype, self.device, in_step
         )
-        if not ok:
-            longest = "P" if in_step else f"P<={length}"
-            raise InputError(
-                f"prompts must have shape [{num_blocks}, 1 or {batch}, {longest}, {h}]; "
-                f"got {tuple(prompts.shape)}"
-            )
-        if prompts.dtype != self.dtype:
-            raise InputError(f"prompts must be {self.dtype}; got {prompts.dtype}")
-        return prompts.to(self.device)
-
-
-def _add_prompt(x: Tensor, prompt: Tensor, pos: int) -> Tensor:
-    """Add prompt [B|1, P, H] to the positions [pos, pos+T) of x that fall below P (no in-place)."""
-    hi = min(prompt.shape[1], pos + x.shape[1])
-    if hi <= pos:
-        return x
-    head = x[:, : hi - pos] + prompt[:, pos:hi]
-    return torch.cat([head, x[:, hi - pos :]], dim=1)
 
 
 def _load_state(block: nn.Module, ckpt: Checkpoint, prefix: str, dtype: torch.dtype) -> None:
