@@ -20,12 +20,21 @@ from cli.common import network_options, node_config, run_node
     help="Local API socket for scripts on this machine (default: HOME/peerd.sock).",
 )
 @click.option(
+    "--max-frame-mib",
+    type=click.IntRange(min=1),
+    default=64,
+    show_default=True,
+    help="Largest message read from the local socket or a peer (bigger requests are cut).",
+)
+@click.option(
     "--test-record",
     hidden=True,
     metavar="MODEL_ID:START:END",
     help="Announce a fake server record (tests and demos only).",
 )
-def join(test_record: str | None, socket_path: Path | None, **opts: Any) -> None:
+def join(
+    test_record: str | None, socket_path: Path | None, max_frame_mib: int, **opts: Any
+) -> None:
     """Join a swarm as a client-only peer, or start one with --new-swarm.
 
     The daemon connects outward to --initial-peers, relays for others when it is reachable,
@@ -35,7 +44,7 @@ def join(test_record: str | None, socket_path: Path | None, **opts: Any) -> None
     config = node_config(opts)  # bad options fail fast, before the heavy imports
     from peerd.daemon import Daemon
 
-    daemon = Daemon(config, socket_path=socket_path)
+    daemon = Daemon(config, socket_path=socket_path, max_frame=max_frame_mib * 2**20)
     node = daemon.node
     if test_record:
         node.set_record_provider(_fake_record_provider(node, test_record))

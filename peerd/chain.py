@@ -130,8 +130,7 @@ class InferenceChain:
         if hidden.dim() != 3 or hidden.shape[0] != batch or hidden.shape[1] < 1:
             raise ChainError(
                 "bad_request",
-                f"expected hidden states [batch={batch}, tokens, hidden], "
-                f"got {list(hidden.shape)}",
+                f"expected hidden states [batch={batch}, tokens, hidden], got {list(hidden.shape)}",
             )
         index = self._check_reorder(reorder)
         if self.length + hidden.shape[1] > self.options.max_length:
@@ -142,7 +141,7 @@ class InferenceChain:
             )
         x = hidden.detach().to("cpu")
         for hop in self.hops:  # a step no server can take is refused before anyone gets it
-            hop.tokens_per_step(x.to(hop.limits.torch_dtype).shape, self.options.compression)
+            hop.tokens_per_step(x.shape, self.options.compression)
         if index is not None:
             self._reorder_history(index)
         to_reorder = set(self.hops) if index is not None else set()
@@ -277,6 +276,7 @@ class InferenceChain:
                 pad_lengths=self.pad_lengths,
             )
         await hop.open(self.connect, request, opts.open_timeout)
+        self.planning.peer_limits[hop.peer_id] = hop.limits
         if self.length == 0:
             return 0
         past = self.history.get(hop.start)

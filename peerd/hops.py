@@ -94,7 +94,12 @@ class HopLimits:
         a ChainError("too_large") to the caller, not the server's fault."""
         try:
             return wire.rows_per_frame(
-                list(shape), self.dtype, compression, self.max_frame, max_tokens=self.max_tokens, **kw
+                list(shape),
+                self.dtype,
+                compression,
+                self.max_frame,
+                max_tokens=self.max_tokens,
+                **kw,
             )
         except wire.WireError as exc:
             raise ChainError(exc.code, f"request cannot be sent: {exc.message}") from None
@@ -158,7 +163,9 @@ class ChainHop:
             self.channel, self.peer_id, request, timeout=timeout, max_frame=ours
         )
         if not isinstance(opened, wire.SessionOpened):
-            raise HopFailed(self.peer_id, f"unexpected reply {type(opened).__name__} to OpenSession")
+            raise HopFailed(
+                self.peer_id, f"unexpected reply {type(opened).__name__} to OpenSession"
+            )
         self.limits = HopLimits.from_opened(opened, ours)
 
     def tokens_per_step(self, shape: torch.Size, compression: str) -> int:
@@ -194,7 +201,11 @@ class ChainHop:
                     reorder=reorder if piece.start == 0 else None,
                 )
             reply = await exchange(
-                self.channel, self.peer_id, message, timeout=timeout, max_frame=self.limits.max_frame
+                self.channel,
+                self.peer_id,
+                message,
+                timeout=timeout,
+                max_frame=self.limits.max_frame,
             )
             if not isinstance(reply, wire.StepResult) or reply.step_id != step_id:
                 raise HopFailed(self.peer_id, f"unexpected reply {type(reply).__name__}")

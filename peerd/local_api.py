@@ -134,11 +134,12 @@ class LocalAPI:
                 model_id=chain.options.model_id,
                 num_blocks=chain.options.end,
                 route=chain.route,
+                max_frame=self.max_frame,
             )
             await channel.write_message(reply.to_wire())
         elif isinstance(request, api.ChainStep):
             chain = self._chain(chains, request.chain_id)
-            hidden = await chain.step(request.hidden.float())
+            hidden = await chain.step(request.hidden.float(), reorder=request.reorder)
             reply = api.ChainStepResult(
                 hidden=hidden.to(request.hidden.dtype),
                 route=chain.route,
@@ -228,6 +229,7 @@ class LocalAPI:
         allow=None,
         deny=None,
         mode: str = "latency",
+        pad_lengths=None,
     ) -> ChainOptions:
         return ChainOptions(
             model_id=model_id,
@@ -239,6 +241,7 @@ class LocalAPI:
             allow=frozenset(allow) if allow is not None else None,
             deny=frozenset(deny or ()),
             mode=mode,
+            pad_lengths=pad_lengths,
         )
 
     def _planning(self, options: ChainOptions) -> Planning:
@@ -261,6 +264,7 @@ class LocalAPI:
             compression=request.compression,
             allow=request.allow,
             deny=request.deny,
+            pad_lengths=request.pad_lengths,
         )
         chain = InferenceChain(options, self._planning(options), self.swarm.connect)
         try:

@@ -108,6 +108,7 @@ class Planning:
     def ban(self, peer_id: str) -> None:
         assert self.planner is not None
         backoff = self.bans.ban(peer_id, self.clock())
+        self.peer_limits.pop(peer_id, None)
         log.info("banned %s for %.1f s", peer_id[:12], backoff)
         if self.known.pop(peer_id, None) is not None:
             self.planner.update([ServerRemoved(peer_id)])
