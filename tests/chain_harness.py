@@ -48,6 +48,18 @@ class FakePeer:
         return ServerSpan(self.peer_id, s.start, s.end, throughput=self.throughput)
 
 
+class RecordingBans(BanList):
+    """A BanList that remembers everyone it ever banned."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.history: list[str] = []
+
+    def ban(self, peer_id: str, now: float) -> float:
+        self.history.append(peer_id)
+        return super().ban(peer_id, now)
+
+
 class CrashingChannel(FramedChannel):
     """The server's end of a stream: its frame limit, its records, its crash trigger."""
 
@@ -91,7 +103,7 @@ class Swarm:
         self.nursery = nursery
         self.num_blocks = num_blocks
         self.client_max_frame = client_max_frame
-        self.bans = BanList()
+        self.bans = RecordingBans()
         self.peers: dict[str, FakePeer] = {}
         for name, (a, b) in intervals.items():
             lim = limits.get(name, ServerLimits()) if isinstance(limits, dict) else limits
@@ -149,8 +161,8 @@ class Swarm:
         return TrainingChain(options, planning, self.connect)
 
     def banned(self) -> list[str]:
-        now = trio.current_time()
-        return [p for p in self.peers if self.bans.is_banned(p, now)]
+        """Every peer banned so far, in order (a peer banned twice is listed twice)."""
+        return list(self.bans.history)
 
 
 def is_step(message: dict) -> bool:
