@@ -144,6 +144,7 @@ class InferenceChain:
             hop.tokens_per_step(x.shape, self.options.compression)
         if index is not None:
             self._reorder_history(index)
+        # hops open before this step get the reorder; replacements replay gathered history
         to_reorder = set(self.hops) if index is not None else set()
         position = 0
         while position < len(self.hops):
@@ -153,7 +154,6 @@ class InferenceChain:
             except HopFailed as failure:
                 await self._recover(position, failure)
                 continue
-            to_reorder.discard(hop)
             self.history.setdefault(hop.start, []).append(x)
             x = y
             position += 1
