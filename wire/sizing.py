@@ -100,11 +100,12 @@ def rows_per_frame(
         data = tensors * tensor_bytes(row_shape, dtype, compression)
         return ENVELOPE_BYTES + fixed_bytes + data + n * row_extra_bytes
 
-    budget = max_frame - ENVELOPE_BYTES - fixed_bytes
-    per_row = tensors * tensor_bytes(row_shape, dtype, compression) + row_extra_bytes
-    rows = min(rows, max(1, budget // max(1, per_row)))
-    while rows > 1 and frame_size(rows) > max_frame:  # int8 rounds up to whole blocks
-        rows -= 1
+    if frame_size(rows) > max_frame:  # the largest count that fits: sizes grow with the count
+        low, high = 0, rows
+        while high - low > 1:
+            middle = (low + high) // 2
+            low, high = (middle, high) if frame_size(middle) <= max_frame else (low, middle)
+        rows = max(1, low)
     if frame_size(rows) > max_frame:
         raise WireError(
             ErrorCode.TOO_LARGE,
