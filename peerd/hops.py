@@ -25,6 +25,7 @@ import trio
 import wire
 from peerd.framed import ConnectionLost, FramedChannel
 from peerd.server.protocols import INFERENCE_PROTOCOL
+from wire.names import FLOATING_DTYPES
 from wire.sizing import SEQUENCE
 
 # Server answers that mean "this server cannot help now": route around it.
@@ -82,7 +83,7 @@ class HopLimits:
         return cls(
             min(ours, frame) if _positive_int(frame) else min(ours, wire.DEFAULT_MAX_FRAME),
             tokens if _positive_int(tokens) else None,
-            dtype if dtype in ("float32", "float16", "bfloat16", "float64") else "float32",
+            dtype if dtype in FLOATING_DTYPES else "float32",
         )
 
     @property

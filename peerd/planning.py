@@ -51,7 +51,7 @@ class ChainOptions:
     allow: frozenset[str] | None = None
     deny: frozenset[str] = frozenset()
     mode: str = "latency"
-    pad_lengths: tuple[int, ...] | None = None
+    pad_lengths: Sequence[int] | None = None
     """Left padding of each sequence of the batch (positions at its start never attended to)."""
 
 

@@ -17,6 +17,8 @@ class ServerLimits:
     max_tokens_per_request: int = 8192
     """Batch × new tokens in one step, forward or backward request."""
     max_frame: int = 64 * 1024 * 1024
+    """Largest frame read from a peer. Both limits are announced (SessionOpened, Info) so
+    that clients cut bigger requests instead of having them refused."""
     step_timeout: float = 60.0
     """Longest a request may wait for its turn at the compute device before `busy`."""
     idle_timeout: float = 300.0
