@@ -422,7 +422,7 @@ def bench_startup(swarm: Swarm, setup: Setup, workdir: Path) -> dict:
         )
     imports_s = time_python("import torch, libp2p", runs=setup.runs)
     daemon_imports_s = time_python(
-        "import torch, libp2p, trio, cli.main, cli.serve, peerd.daemon, peerd.serving",
+        "import torch, libp2p, trio, cli.main, cli.serve, peerd.daemon, peerd.server.service",
         runs=setup.runs,
     )
 
@@ -439,7 +439,7 @@ def bench_startup(swarm: Swarm, setup: Setup, workdir: Path) -> dict:
         "import_daemon_modules_s": daemon_imports_s,
         "ratio_cold": med(cold)["listed_online_s"] / imports_s,
         "ratio_warm": med(warm)["listed_online_s"] / imports_s,
-        "top_imports": import_profile("import cli.main, cli.serve, peerd.daemon, peerd.serving"),
+        "top_imports": import_profile("import cli.main, cli.serve, peerd.daemon, peerd.server.service"),
     }
 
 

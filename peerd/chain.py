@@ -7,6 +7,11 @@ first block, replays the stored inputs to the replacement spans one after anothe
 replay's output is the history of the next boundary, so a replacement may split the blocks
 differently from the failed server), and retries the step. Spans before the failure, and
 later spans whose (peer, interval) are unchanged, keep their server-side caches.
+
+A step with `reorder` (beam search) gathers every server's cache rows before it runs; the
+chain gathers its stored history (and the pad lengths) the same way, so a replay rebuilds
+exactly the reordered caches. Steps and replays too big for one frame are cut along the
+sequence (peerd.hops).
 """
 
 from __future__ import annotations
@@ -15,74 +20,43 @@ import itertools
 import logging
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Iterable, Sequence
-from dataclasses import dataclass, field
-from typing import Protocol
+from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 import trio
 
 import wire
-from peerd.framed import ConnectionLost, FramedChannel
-from peerd.server.block_server import INFERENCE_PROTOCOL
-from routing import (
-    BanList,
-    CostModel,
-    NoRouteError,
-    Route,
-    RoutePlanner,
-    ServerAdded,
-    ServerRemoved,
-    ServerSpan,
+from peerd.hops import (
+    RETRYABLE_CODES,
+    ChainError,
+    ChainHop,
+    Connector,
+    HopFailed,
+    HopLimits,
+    our_fault,
 )
+from peerd.planning import ChainOptions, Planning, RttProbe, ServerSource
 
 log = logging.getLogger("peerd.chain")
 
-# Server answers that mean "this server cannot help now": route around it.
-RETRYABLE_CODES = frozenset(
-    {"busy", "cache_full", "timeout", "internal", "unknown_session", "unknown_model"}
-)
-REPLAY_CHUNK_TOKENS = 2048
 OPEN_WAIT = 3.0  # seconds an opening chain waits for a missing block to appear
 
-
-class ChainError(Exception):
-    """A chain could not do what was asked; `code` follows wire's error codes."""
-
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-
-
-class HopFailed(Exception):
-    """One server of the chain failed (connection lost, timeout, or a retryable error reply)."""
-
-    def __init__(self, peer_id: str, reason: str) -> None:
-        super().__init__(f"{peer_id[:12]}…: {reason}")
-        self.peer_id = peer_id
-        self.reason = reason
-
-
-class Connector(Protocol):
-    async def __call__(self, peer_id: str, protocol: str) -> FramedChannel: ...
-
-
-ServerSource = Callable[[], Awaitable[Sequence[ServerSpan]]]
-RttProbe = Callable[[Sequence[str]], Awaitable[dict[str, float]]]
-
-
-@dataclass
-class ChainHop:
-    """One span of the chain with its open session stream."""
-
-    peer_id: str
-    start: int
-    end: int
-    channel: FramedChannel | None = None
-
-    @property
-    def key(self) -> tuple[str, int, int]:
-        return (self.peer_id, self.start, self.end)
+__all__ = [
+    "OPEN_WAIT",
+    "RETRYABLE_CODES",
+    "ChainError",
+    "ChainHop",
+    "ChainOptions",
+    "Connector",
+    "HopFailed",
+    "HopLimits",
+    "InferenceChain",
+    "Planning",
+    "RecoveryEvent",
+    "RttProbe",
+    "ServerSource",
+]
 
 
 @dataclass
@@ -95,116 +69,6 @@ class RecoveryEvent:
     new_route: list[tuple[str, int, int]]
     replayed_tokens: int
     seconds: float
-
-
-@dataclass
-class ChainOptions:
-    """Everything a chain needs to know besides where its servers come from."""
-
-    model_id: str
-    start: int
-    end: int
-    max_length: int
-    batch_size: int = 1
-    compression: str = "none"
-    step_timeout: float = 30.0
-    open_timeout: float = 10.0
-    recovery_timeout: float = 30.0
-    max_failures: int = 16
-    allow: frozenset[str] | None = None
-    deny: frozenset[str] = frozenset()
-    mode: str = "latency"
-
-
-@dataclass
-class Planning:
-    """The shared routing state of a chain: candidate servers, bans, the D* Lite planner."""
-
-    options: ChainOptions
-    source: ServerSource
-    probe_rtts: RttProbe | None
-    bans: BanList
-    clock: Callable[[], float] = time.monotonic
-    planner: RoutePlanner | None = None
-    known: dict[str, ServerSpan] = field(default_factory=dict)
-    waiting: float | None = None  # overrides options.recovery_timeout while set
-    rtts: dict[str, float] = field(default_factory=dict)
-
-    def _eligible(self, servers: Iterable[ServerSpan]) -> list[ServerSpan]:
-        now = self.clock()
-        opts = self.options
-        return [
-            s
-            for s in servers
-            if (opts.allow is None or s.peer_id in opts.allow)
-            and s.peer_id not in opts.deny
-            and not self.bans.is_banned(s.peer_id, now)
-            and s.end > opts.start
-            and s.start < opts.end
-        ]
-
-    async def build(self) -> None:
-        servers = self._eligible(await self.source())
-        self.rtts = await self.probe_rtts([s.peer_id for s in servers]) if self.probe_rtts else {}
-        self.known = {s.peer_id: s for s in servers}
-        self.planner = RoutePlanner(
-            servers,
-            CostModel(client_rtts=self.rtts),
-            start=self.options.start,
-            end=self.options.end,
-            mode=self.options.mode,
-        )
-
-    async def refresh(self) -> None:
-        """Tell the planner which servers appeared (or came back from a ban) and which left."""
-        assert self.planner is not None
-        fresh = {s.peer_id: s for s in self._eligible(await self.source())}
-        changes: list = [ServerRemoved(p) for p in self.known if p not in fresh]
-        changes += [ServerAdded(s) for p, s in fresh.items() if p not in self.known]
-        self.known = fresh
-        if changes:
-            self.planner.update(changes)
-
-    def ban(self, peer_id: str) -> None:
-        assert self.planner is not None
-        backoff = self.bans.ban(peer_id, self.clock())
-        log.info("banned %s for %.1f s", peer_id[:12], backoff)
-        if self.known.pop(peer_id, None) is not None:
-            self.planner.update([ServerRemoved(peer_id)])
-
-    async def route_from(self, block: int, prev_peer: str | None) -> list[tuple[str, int, int]]:
-        """Best route from `block` to the end (D* Lite repair); waits for coverage if needed."""
-        assert self.planner is not None
-        planner = self.planner
-        return await self._wait_for_route(lambda: planner.route_from(block, prev_peer))
-
-    async def route_range(self, start: int, end: int) -> list[tuple[str, int, int]]:
-        """A fresh route over exactly [start, end) (training requests and their retries)."""
-
-        def plan() -> Route:
-            servers = self._eligible(self.known.values())
-            return RoutePlanner(
-                servers,
-                CostModel(client_rtts=self.rtts),
-                start=start,
-                end=end,
-                mode=self.options.mode,
-            ).plan()
-
-        return await self._wait_for_route(plan)
-
-    async def _wait_for_route(self, plan: Callable[[], Route]) -> list[tuple[str, int, int]]:
-        wait = self.options.recovery_timeout if self.waiting is None else self.waiting
-        deadline = self.clock() + wait
-        while True:
-            try:
-                return [(h.peer_id, h.start, h.end) for h in plan().hops]
-            except NoRouteError as exc:
-                if self.clock() >= deadline:
-                    raise ChainError("no_route", str(exc)) from exc
-                log.info("%s; waiting for a server to cover them", exc)
-                await trio.sleep(0.5)
-                await self.refresh()
 
 
 class InferenceChain:
@@ -221,6 +85,13 @@ class InferenceChain:
         self.failures = 0
         self._step_ids = itertools.count()
         self.session_id = uuid.uuid4().hex
+        pads = options.pad_lengths
+        self.pad_lengths = None if pads is None else [int(p) for p in pads]
+        if self.pad_lengths is not None and len(self.pad_lengths) != options.batch_size:
+            raise ChainError(
+                "bad_request",
+                f"{len(self.pad_lengths)} pad lengths for a batch of {options.batch_size}",
+            )
 
     @property
     def route(self) -> list[tuple[str, int, int]]:
@@ -239,7 +110,7 @@ class InferenceChain:
     async def aclose(self) -> None:
         """Close every session; the route stays readable afterwards."""
         for hop in self.hops:
-            await self._close_hop(hop)
+            await hop.close()
 
     async def __aenter__(self) -> InferenceChain:
         await self.open()
@@ -250,14 +121,18 @@ class InferenceChain:
             await self.aclose()
 
     # ----- stepping ---------------------------------------------------------------
-    async def step(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Hidden states [B, T, H] in, hidden states after the last block out."""
-        if hidden.dim() != 3 or hidden.shape[0] != self.options.batch_size:
+    async def step(
+        self, hidden: torch.Tensor, reorder: Sequence[int] | None = None
+    ) -> torch.Tensor:
+        """Hidden states [B, T, H] in, hidden states after the last block out (in the dtype
+        of `hidden`). `reorder`: row i of every cache becomes row reorder[i] before the step."""
+        batch = self.options.batch_size
+        if hidden.dim() != 3 or hidden.shape[0] != batch or hidden.shape[1] < 1:
             raise ChainError(
                 "bad_request",
-                f"expected hidden states [batch={self.options.batch_size}, tokens, hidden], "
-                f"got {list(hidden.shape)}",
+                f"expected hidden states [batch={batch}, tokens, hidden], got {list(hidden.shape)}",
             )
+        index = self._check_reorder(reorder)
         if self.length + hidden.shape[1] > self.options.max_length:
             raise ChainError(
                 "cache_full",
@@ -265,58 +140,62 @@ class InferenceChain:
                 f"{hidden.shape[1]} new",
             )
         x = hidden.detach().to("cpu")
-        index = 0
-        while index < len(self.hops):
-            hop = self.hops[index]
+        for hop in self.hops:  # a step no server can take is refused before anyone gets it
+            hop.tokens_per_step(x.shape, self.options.compression)
+        if index is not None:
+            self._reorder_history(index)
+        # hops open before this step get the reorder; replacements replay gathered history
+        to_reorder = set(self.hops) if index is not None else set()
+        position = 0
+        while position < len(self.hops):
+            hop = self.hops[position]
             try:
-                y = await self._send_step(hop, x)
+                y = await self._send(hop, x, reorder=index if hop in to_reorder else None)
             except HopFailed as failure:
-                await self._recover(index, failure)
+                await self._recover(position, failure)
                 continue
             self.history.setdefault(hop.start, []).append(x)
             x = y
-            index += 1
+            position += 1
         self.length += hidden.shape[1]
-        return x
+        return x.to(hidden.dtype)
 
-    async def _send_step(
-        self, hop: ChainHop, x: torch.Tensor, *, replay: bool = False
-    ) -> torch.Tensor:
-        assert hop.channel is not None
-        step_id = next(self._step_ids)
-        message = wire.Step(
-            hidden=x,
-            step_id=step_id,
-            start=None,
-            end=None,
-            replay=replay,
-            compression=self.options.compression,
-        )
-        reply = await self._request(hop, message.to_wire(), self.options.step_timeout)
-        if not isinstance(reply, wire.StepResult) or reply.step_id != step_id:
-            raise HopFailed(hop.peer_id, f"unexpected reply {type(reply).__name__}")
-        expected = (x.shape[0], x.shape[1])
-        if tuple(reply.hidden.shape[:2]) != expected:
-            raise HopFailed(
-                hop.peer_id, f"reply of shape {list(reply.hidden.shape)} for input {list(x.shape)}"
+    def _check_reorder(self, reorder: Sequence[int] | None) -> list[int] | None:
+        if reorder is None:
+            return None
+        batch = self.options.batch_size
+        index = [int(i) for i in reorder]
+        if len(index) != batch or any(not 0 <= i < batch for i in index):
+            raise ChainError(
+                "bad_request",
+                f"reorder must list {batch} row indices in [0, {batch}), got {index[:16]}",
             )
-        return reply.hidden
+        return index
 
-    async def _request(self, hop: ChainHop, message: dict, timeout: float) -> wire.Message:
-        assert hop.channel is not None
-        try:
-            with trio.fail_after(timeout):
-                await hop.channel.write_message(message)
-                reply = wire.parse_message(await hop.channel.read_message())
-        except trio.TooSlowError:
-            raise HopFailed(hop.peer_id, f"no reply within {timeout:.1f} s") from None
-        except (ConnectionLost, wire.WireError, OSError) as exc:
-            raise HopFailed(hop.peer_id, f"stream failed: {exc}") from exc
-        if isinstance(reply, wire.Error):
-            if reply.code in RETRYABLE_CODES:
-                raise HopFailed(hop.peer_id, f"{reply.code}: {reply.message}")
-            raise ChainError(reply.code, f"server {hop.peer_id[:12]}…: {reply.message}")
-        return reply
+    def _reorder_history(self, index: list[int]) -> None:
+        """Gather the stored inputs (and pad lengths) like the servers gather their caches."""
+        rows = torch.tensor(index)
+        for boundary, past in self.history.items():
+            self.history[boundary] = [torch.cat(past, dim=1).index_select(0, rows)]
+        if self.pad_lengths is not None:
+            self.pad_lengths = [self.pad_lengths[i] for i in index]
+
+    async def _send(
+        self,
+        hop: ChainHop,
+        x: torch.Tensor,
+        *,
+        replay: bool = False,
+        reorder: list[int] | None = None,
+    ) -> torch.Tensor:
+        return await hop.step(
+            x,
+            self._step_ids,
+            compression=self.options.compression,
+            timeout=self.options.step_timeout,
+            replay=replay,
+            reorder=reorder,
+        )
 
     # ----- recovery ---------------------------------------------------------------
     async def _recover(self, index: int, failure: HopFailed) -> None:
@@ -355,10 +234,10 @@ class InferenceChain:
             old_tail = {hop.key: hop for hop in self.hops[index:] if hop.peer_id != failed_peer}
             tail = [old_tail.pop(key, None) or ChainHop(*key) for key in new_keys]
             for hop in old_tail.values():
-                await self._close_hop(hop)
+                await hop.close()
             for hop in self.hops[index:]:
                 if hop.peer_id == failed_peer:
-                    await self._close_hop(hop, graceful=False)
+                    await hop.close(graceful=False)
             self.hops = self.hops[:index] + tail
             self._forget_unused_history()
             try:
@@ -384,28 +263,20 @@ class InferenceChain:
 
     async def _open_and_replay(self, hop: ChainHop) -> int:
         """Open a session on `hop` and feed it every input its first block has seen so far."""
-        try:
-            with trio.fail_after(self.options.open_timeout):
-                hop.channel = await self.connect(hop.peer_id, INFERENCE_PROTOCOL)
-        except (trio.TooSlowError, ConnectionLost, OSError) as exc:
-            raise HopFailed(hop.peer_id, f"could not open a stream: {exc!r}") from exc
-        except Exception as exc:  # noqa: BLE001 - a dial error of any kind means this peer failed
-            raise HopFailed(hop.peer_id, f"could not open a stream: {exc!r}") from exc
-        opened = await self._request(
-            hop,
-            wire.OpenSession(
-                model_id=self.options.model_id,
+        opts = self.options
+        with our_fault("session not opened"):
+            request = wire.OpenSession(
+                model_id=opts.model_id,
                 start=hop.start,
                 end=hop.end,
-                max_length=self.options.max_length,
-                batch_size=self.options.batch_size,
-                compression=self.options.compression,
+                max_length=opts.max_length,
+                batch_size=opts.batch_size,
+                compression=opts.compression,
                 session_id=self.session_id,
-            ).to_wire(),
-            self.options.open_timeout,
-        )
-        if not isinstance(opened, wire.SessionOpened):
-            raise HopFailed(hop.peer_id, f"unexpected reply {type(opened).__name__} to OpenSession")
+                pad_lengths=self.pad_lengths,
+            )
+        await hop.open(self.connect, request, opts.open_timeout)
+        self.planning.peer_limits[hop.peer_id] = hop.limits
         if self.length == 0:
             return 0
         past = self.history.get(hop.start)
@@ -413,14 +284,11 @@ class InferenceChain:
             raise ChainError(
                 "internal", f"no stored inputs for block {hop.start}: cannot rebuild its cache"
             )
-        inputs = torch.cat(past, dim=1)
-        chunk = max(1, REPLAY_CHUNK_TOKENS // max(1, inputs.shape[0]))
-        outputs = [
-            await self._send_step(hop, inputs[:, i : i + chunk], replay=True)
-            for i in range(0, inputs.shape[1], chunk)
-        ]
-        if hop.end < self.options.end:
-            self.history[hop.end] = [torch.cat(outputs, dim=1)]
+        dtype = hop.limits.torch_dtype
+        inputs = torch.cat([t.to(dtype) for t in past], dim=1)
+        outputs = await self._send(hop, inputs, replay=True)
+        if hop.end < opts.end:
+            self.history[hop.end] = [outputs]
         return inputs.shape[1]
 
     def _forget_unused_history(self) -> None:
@@ -429,20 +297,3 @@ class InferenceChain:
         for boundary in list(self.history):
             if boundary not in starts:
                 del self.history[boundary]
-
-    async def _close_hop(self, hop: ChainHop, *, graceful: bool = True) -> None:
-        """Say goodbye to a healthy server; just drop the stream of a failed one."""
-        if hop.channel is None:
-            return
-        channel, hop.channel = hop.channel, None
-        if graceful:
-            with trio.move_on_after(1.0):
-                try:
-                    await channel.write_message(wire.CloseSession().to_wire())
-                except Exception:  # noqa: BLE001 - the server may already be gone
-                    pass
-        with trio.move_on_after(1.0 if graceful else 0.2):
-            try:
-                await channel.aclose()
-            except Exception:  # noqa: BLE001
-                pass

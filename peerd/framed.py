@@ -151,6 +151,10 @@ class FramedChannel:
     async def write_message(self, message: dict) -> None:
         await self.stream.send_all(encode_frame(message))
 
+    async def write_frame(self, frame: bytes) -> None:
+        """Send a frame encoded beforehand (so that encoding errors stay the sender's own)."""
+        await self.stream.send_all(frame)
+
     async def aclose(self) -> None:
         await self.stream.aclose()
 

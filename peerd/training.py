@@ -6,20 +6,34 @@ recovery timeout and then fails naming the missing blocks. `forward` returns a t
 inputs each span saw) so that `backward` need not recompute; when a span of the trace fails
 during backward, its blocks are re-run on a fresh route (forward to recover the intermediate
 inputs of the new split, then backward through it).
+
+Each server is asked once what it accepts (`Info`: frame limit, tokens per request, compute
+dtype; remembered in the shared Planning); a batch too big for one of its frames is cut
+into several requests of whole sequences, on one stream, and the results are put together.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 import trio
 
 import wire
-from peerd.chain import RETRYABLE_CODES, ChainError, ChainOptions, Connector, HopFailed, Planning
-from peerd.framed import ConnectionLost
-from peerd.server.block_server import RPC_PROTOCOL
+from peerd.hops import (
+    ChainError,
+    Connector,
+    HopFailed,
+    HopLimits,
+    exchange,
+    open_channel,
+    our_fault,
+)
+from peerd.planning import ChainOptions, Planning
+from peerd.server.protocols import RPC_PROTOCOL
+from wire.sizing import BATCH, INT_LIST_ITEM_BYTES, int_list_bytes, tensor_bytes
 
 log = logging.getLogger("peerd.training")
 
@@ -34,6 +48,19 @@ class TraceEntry:
     inputs: torch.Tensor
 
 
+@dataclass(frozen=True)
+class BatchCut:
+    """How one request over a batch is cut: the row slices, and how prompts go with them."""
+
+    pieces: list[slice]
+    prompts_per_row: bool
+
+    def prompts(self, prompts: torch.Tensor | None, piece: slice) -> torch.Tensor | None:
+        if prompts is None or not self.prompts_per_row:
+            return prompts
+        return prompts[:, piece]
+
+
 class TrainingChain:
     """Stateless forward/backward requests routed over the swarm with retries."""
 
@@ -42,6 +69,8 @@ class TrainingChain:
         self.planning = planning
         self.connect = connect
         self.failures = 0
+        pads = options.pad_lengths
+        self.pad_lengths = None if pads is None else [int(p) for p in pads]
 
     def _prompts_for(
         self, prompts: torch.Tensor | None, start: int, end: int
@@ -50,25 +79,78 @@ class TrainingChain:
             return None
         return prompts[start - self.options.start : end - self.options.start]
 
-    async def _call(self, peer_id: str, message: wire.Message) -> wire.Message:
+    # ----- one server -----------------------------------------------------------------
+    async def _limits(self, peer_id: str, channel) -> HopLimits:
+        known = self.planning.peer_limits.get(peer_id)
+        if known is not None:
+            return known
+        reply = await exchange(
+            channel,
+            peer_id,
+            wire.Info(),
+            timeout=self.options.step_timeout,
+            max_frame=channel.max_frame,
+        )
+        if not isinstance(reply, wire.InfoResult):
+            raise HopFailed(peer_id, f"unexpected reply {type(reply).__name__} to Info")
+        limits = HopLimits.from_info(reply.limits, channel.max_frame)
+        self.planning.peer_limits[peer_id] = limits
+        return limits
+
+    async def _call(
+        self, peer_id: str, requests: Callable[[HopLimits], list[wire.Message]]
+    ) -> list[wire.Message]:
+        """Send the requests built for this server's limits on one stream; their replies."""
         try:
-            with trio.fail_after(self.options.step_timeout):
-                channel = await self.connect(peer_id, RPC_PROTOCOL)
-                try:
-                    await channel.write_message(message.to_wire())
-                    reply = wire.parse_message(await channel.read_message())
-                finally:
-                    with trio.move_on_after(0.5):
-                        await channel.aclose()
+            with trio.fail_after(self.options.open_timeout):
+                channel = await open_channel(self.connect, peer_id, RPC_PROTOCOL)
         except trio.TooSlowError:
-            raise HopFailed(peer_id, f"no reply within {self.options.step_timeout:.1f} s") from None
-        except (ConnectionLost, wire.WireError, OSError) as exc:
-            raise HopFailed(peer_id, f"stream failed: {exc}") from exc
-        if isinstance(reply, wire.Error):
-            if reply.code in RETRYABLE_CODES:
-                raise HopFailed(peer_id, f"{reply.code}: {reply.message}")
-            raise ChainError(reply.code, f"server {peer_id[:12]}…: {reply.message}")
-        return reply
+            raise HopFailed(peer_id, "no stream within the open timeout") from None
+        try:
+            limits = await self._limits(peer_id, channel)
+            replies = []
+            for message in requests(limits):
+                reply = await exchange(
+                    channel,
+                    peer_id,
+                    message,
+                    timeout=self.options.step_timeout,
+                    max_frame=limits.max_frame,
+                )
+                replies.append(reply)
+            return replies
+        finally:
+            with trio.move_on_after(0.5):
+                await channel.aclose()
+
+    def _cut(
+        self, limits: HopLimits, shape: torch.Size, prompts: torch.Tensor | None, tensors: int
+    ) -> BatchCut:
+        """Cut a batch into requests of whole sequences that fit this server's frames."""
+        batch = shape[0]
+        per_row = prompts is not None and batch > 1 and prompts.shape[1] == batch
+        fixed = row_extra = 0
+        if prompts is not None:  # replies (gradients included) are no bigger than requests
+            if per_row:
+                one = [prompts.shape[0], 1, *prompts.shape[2:]]
+                row_extra += tensor_bytes(one, limits.dtype, self.options.compression)
+            else:
+                fixed += tensor_bytes(prompts.shape, limits.dtype, self.options.compression)
+        if self.pad_lengths is not None:
+            fixed += int_list_bytes(0)
+            row_extra += INT_LIST_ITEM_BYTES
+        rows = limits.rows(
+            shape,
+            self.options.compression,
+            dim=BATCH,
+            tensors=tensors,
+            fixed_bytes=fixed,
+            row_extra_bytes=row_extra,
+        )
+        return BatchCut(wire.cuts(batch, rows), per_row)
+
+    def _pads(self, piece: slice) -> list[int] | None:
+        return None if self.pad_lengths is None else self.pad_lengths[piece]
 
     def _ban(self, failure: HopFailed) -> None:
         self.failures += 1
@@ -79,6 +161,7 @@ class TrainingChain:
         log.warning("server %s failed (%s); re-routing", failure.peer_id[:12], failure.reason)
         self.planning.ban(failure.peer_id)
 
+    # ----- forward ----------------------------------------------------------------------
     async def forward(
         self,
         hidden: torch.Tensor,
@@ -96,30 +179,50 @@ class TrainingChain:
         route = await self.planning.route_range(block, end)
         while block < end:
             peer_id, s, e = route[0]
-            request = wire.Forward(
-                model_id=self.options.model_id,
-                start=s,
-                end=e,
-                hidden=x,
-                prompts=self._prompts_for(prompts, s, e),
-                compression=self.options.compression,
-            )
             try:
-                reply = await self._call(peer_id, request)
+                y = await self._forward_span(peer_id, s, e, x, self._prompts_for(prompts, s, e))
             except HopFailed as failure:
                 self._ban(failure)
                 route = await self.planning.route_range(block, end)
                 continue
-            if not isinstance(reply, wire.ForwardResult) or reply.hidden.shape != x.shape:
-                self._ban(HopFailed(peer_id, f"bad forward reply {type(reply).__name__}"))
-                route = await self.planning.route_range(block, end)
-                continue
             trace.append(TraceEntry(peer_id, s, e, x))
-            x = reply.hidden
+            x = y
             block = e
             route = route[1:]
-        return x, trace
+        return x.to(hidden.dtype), trace
 
+    async def _forward_span(
+        self, peer_id: str, s: int, e: int, x: torch.Tensor, prompts: torch.Tensor | None
+    ) -> torch.Tensor:
+        chunks: list[torch.Tensor] = []
+
+        def requests(limits: HopLimits) -> list[wire.Message]:
+            dtype = limits.torch_dtype
+            h = x.to(dtype)
+            p = None if prompts is None else prompts.to(dtype)
+            cut = self._cut(limits, h.shape, p, tensors=1)
+            chunks.extend(h[piece] for piece in cut.pieces)
+            with our_fault("forward not sent"):
+                return [
+                    wire.Forward(
+                        model_id=self.options.model_id,
+                        start=s,
+                        end=e,
+                        hidden=h[piece],
+                        prompts=cut.prompts(p, piece),
+                        compression=self.options.compression,
+                        pad_lengths=self._pads(piece),
+                    )
+                    for piece in cut.pieces
+                ]
+
+        replies = await self._call(peer_id, requests)
+        for reply, chunk in zip(replies, chunks, strict=True):
+            if not isinstance(reply, wire.ForwardResult) or reply.hidden.shape != chunk.shape:
+                raise HopFailed(peer_id, f"bad forward reply {type(reply).__name__}")
+        return torch.cat([r.hidden for r in replies], dim=0)
+
+    # ----- backward ---------------------------------------------------------------------
     async def backward(
         self, trace: list[TraceEntry], grad_out: torch.Tensor, prompts: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -128,7 +231,7 @@ class TrainingChain:
         grad_prompts = None if prompts is None else torch.zeros_like(prompts, device="cpu")
         for entry in reversed(trace):
             grad = await self._backward_span(entry, grad, prompts, grad_prompts)
-        return grad, grad_prompts
+        return grad.to(grad_out.dtype), grad_prompts
 
     async def _backward_span(
         self,
@@ -137,22 +240,9 @@ class TrainingChain:
         prompts: torch.Tensor | None,
         grad_prompts: torch.Tensor | None,
     ) -> torch.Tensor:
-        request = wire.Backward(
-            model_id=self.options.model_id,
-            start=entry.start,
-            end=entry.end,
-            hidden=entry.inputs,
-            grad_out=grad,
-            prompts=self._prompts_for(prompts, entry.start, entry.end),
-            compression=self.options.compression,
-        )
+        span_prompts = self._prompts_for(prompts, entry.start, entry.end)
         try:
-            reply = await self._call(entry.peer_id, request)
-            if (
-                not isinstance(reply, wire.BackwardResult)
-                or reply.grad_hidden.shape != entry.inputs.shape
-            ):
-                raise HopFailed(entry.peer_id, f"bad backward reply {type(reply).__name__}")
+            grad_hidden, span_grad_prompts = await self._backward_call(entry, grad, span_prompts)
         except HopFailed as failure:
             self._ban(failure)
             # Re-run these blocks on a fresh route: forward for the new split's inputs, then back.
@@ -162,7 +252,47 @@ class TrainingChain:
             for sub in reversed(sub_trace):
                 grad = await self._backward_span(sub, grad, prompts, grad_prompts)
             return grad
-        if grad_prompts is not None and reply.grad_prompts is not None:
+        if grad_prompts is not None and span_grad_prompts is not None:
             lo, hi = entry.start - self.options.start, entry.end - self.options.start
-            grad_prompts[lo:hi] += reply.grad_prompts
-        return reply.grad_hidden
+            grad_prompts[lo:hi] += span_grad_prompts.to(grad_prompts.dtype)
+        return grad_hidden
+
+    async def _backward_call(
+        self, entry: TraceEntry, grad: torch.Tensor, prompts: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        shapes: list[torch.Size] = []
+        cuts: list[BatchCut] = []
+
+        def requests(limits: HopLimits) -> list[wire.Message]:
+            dtype = limits.torch_dtype
+            h, g = entry.inputs.to(dtype), grad.to(dtype)
+            p = None if prompts is None else prompts.to(dtype)
+            cut = self._cut(limits, h.shape, p, tensors=2)
+            cuts.append(cut)
+            shapes.extend(h[piece].shape for piece in cut.pieces)
+            with our_fault("backward not sent"):
+                return [
+                    wire.Backward(
+                        model_id=self.options.model_id,
+                        start=entry.start,
+                        end=entry.end,
+                        hidden=h[piece],
+                        grad_out=g[piece],
+                        prompts=cut.prompts(p, piece),
+                        compression=self.options.compression,
+                        pad_lengths=self._pads(piece),
+                    )
+                    for piece in cut.pieces
+                ]
+
+        replies = await self._call(entry.peer_id, requests)
+        for reply, shape in zip(replies, shapes, strict=True):
+            if not isinstance(reply, wire.BackwardResult) or reply.grad_hidden.shape != shape:
+                raise HopFailed(entry.peer_id, f"bad backward reply {type(reply).__name__}")
+        grad_hidden = torch.cat([r.grad_hidden for r in replies], dim=0)
+        parts = [r.grad_prompts for r in replies]
+        if prompts is None or any(p is None for p in parts):
+            return grad_hidden, None
+        if cuts[0].prompts_per_row:
+            return grad_hidden, torch.cat(parts, dim=1)
+        return grad_hidden, torch.stack([p.float() for p in parts]).sum(dim=0)

@@ -1,33 +1,23 @@
 """Fault-tolerant inference chains against real BlockServers in-process.
 
 Servers are real `BlockServer`s over real spans of a tiny Llama, spoken to with the real wire
-framing over in-memory streams; a server "crashes" (its streams break, new connections are
-refused) when a test's trigger fires. Deterministic failures make the hard cases testable:
-failure at step 0, during the replay itself, and a replacement with a different block split.
-The multi-process version with kill -9 is in test_e2e_swarm.py.
+framing over in-memory streams (tests/chain_harness.py); a server "crashes" (its streams
+break, new connections are refused) when a test's trigger fires. Deterministic failures make
+the hard cases testable: failure at step 0, during the replay itself, and a replacement with
+a different block split. The multi-process version with kill -9 is in test_e2e_swarm.py.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
-
 import pytest
 import torch
 import trio
-import trio.testing
 
-import wire
 from blocks import Span
-from peerd.chain import ChainError, ChainOptions, InferenceChain, Planning
-from peerd.framed import ConnectionLost, FramedChannel, TrioByteStream
-from peerd.server.block_server import BlockServer
-from peerd.server.limits import ServerLimits
-from peerd.training import TrainingChain
-from routing import BanList, ServerSpan
+from peerd.chain import ChainError
+from tests.chain_harness import Swarm, is_replay, nth_step
 from tests.tiny_models import make_tiny_model
 
-MODEL_ID = "tiny@cafe"
 NUM_BLOCKS = 6
 
 
@@ -41,115 +31,6 @@ def model_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def reference_span(model_dir):
     return Span.load(model_dir, 0, NUM_BLOCKS)
-
-
-class Crash(Exception):
-    pass
-
-
-@dataclass
-class FakePeer:
-    """A real BlockServer that can crash on a trigger (a predicate over received messages)."""
-
-    peer_id: str
-    server: BlockServer
-    throughput: float = 100.0
-    crash_when: Callable[[dict], bool] | None = None
-    dead: bool = False
-    received: int = 0
-
-    @property
-    def span(self) -> ServerSpan:
-        s = self.server.span
-        return ServerSpan(self.peer_id, s.start, s.end, throughput=self.throughput)
-
-
-class CrashingChannel(FramedChannel):
-    def __init__(self, peer: FakePeer, stream) -> None:
-        super().__init__(TrioByteStream(stream), wire.DEFAULT_MAX_FRAME)
-        self.peer = peer
-
-    async def read_message(self) -> dict:
-        if self.peer.dead:
-            raise ConnectionLost("crashed")
-        message = await super().read_message()
-        self.peer.received += 1
-        if self.peer.crash_when is not None and self.peer.crash_when(message):
-            self.peer.dead = True
-            raise ConnectionLost("crashed")
-        return message
-
-
-class Swarm:
-    def __init__(
-        self,
-        model_dir,
-        intervals: dict[str, tuple[int, int]],
-        nursery: trio.Nursery,
-        throughputs=None,
-    ):
-        self.nursery = nursery
-        self.peers: dict[str, FakePeer] = {}
-        for name, (a, b) in intervals.items():
-            server = BlockServer(Span.load(model_dir, a, b), MODEL_ID, ServerLimits())
-            self.peers[name] = FakePeer(
-                name, server, throughput=(throughputs or {}).get(name, 100.0)
-            )
-        self.connects: list[str] = []
-
-    async def source(self):
-        return [p.span for p in self.peers.values() if not p.dead]
-
-    async def connect(self, peer_id: str, protocol: str) -> FramedChannel:
-        peer = self.peers[peer_id]
-        if peer.dead:
-            raise OSError(f"{peer_id} refused the connection")
-        self.connects.append(peer_id)
-        ours, theirs = trio.testing.memory_stream_pair()
-        handler = (
-            peer.server.handle_inference if "inference" in protocol else peer.server.handle_rpc
-        )
-        self.nursery.start_soon(handler, CrashingChannel(peer, theirs))
-        return FramedChannel(TrioByteStream(ours), wire.DEFAULT_MAX_FRAME)
-
-    def chain(self, max_length: int, batch_size: int = 1, **kw) -> InferenceChain:
-        options = ChainOptions(
-            model_id=MODEL_ID,
-            start=0,
-            end=NUM_BLOCKS,
-            max_length=max_length,
-            batch_size=batch_size,
-            recovery_timeout=1.0,
-            **kw,
-        )
-        planning = Planning(
-            options=options,
-            source=self.source,
-            probe_rtts=None,
-            bans=BanList(),
-            clock=trio.current_time,
-        )
-        return InferenceChain(options, planning, self.connect)
-
-
-def is_step(message: dict) -> bool:
-    return message.get("type") == "step"
-
-
-def nth_step(n: int) -> Callable[[dict], bool]:
-    count = {"steps": 0}
-
-    def trigger(message: dict) -> bool:
-        if is_step(message):
-            count["steps"] += 1
-            return count["steps"] == n
-        return False
-
-    return trigger
-
-
-def is_replay(message: dict) -> bool:
-    return is_step(message) and message.get("replay") is True
 
 
 def run_steps(
@@ -293,23 +174,7 @@ def test_training_forward_backward_retries_and_matches_autograd(model_dir, refer
             swarm = Swarm(
                 model_dir, {"a": (0, 3), "b1": (3, 6), "b2": (3, 6)}, nursery, {"b1": 1000.0}
             )
-            options = ChainOptions(
-                model_id=MODEL_ID,
-                start=0,
-                end=NUM_BLOCKS,
-                max_length=1,
-                mode="throughput",
-                recovery_timeout=1.0,
-            )
-            planning = Planning(
-                options=options,
-                source=swarm.source,
-                probe_rtts=None,
-                bans=BanList(),
-                clock=trio.current_time,
-            )
-            await planning.build()
-            training = TrainingChain(options, planning, swarm.connect)
+            training = await swarm.training()
             out, trace = await training.forward(x)
             swarm.peers[trace[-1].peer_id].dead = True  # dies between forward and backward
             grad_x, _ = await training.backward(trace, grad)

@@ -21,6 +21,7 @@ from wire import (
     WireError,
     decode_payload,
     encode_frame,
+    local,
     parse_message,
 )
 
@@ -67,45 +68,85 @@ plain_value = st.recursive(
 plain_map = st.dictionaries(st.text(max_size=8), plain_value, max_size=4)
 
 
+def per_row(draw, batch: int, high: int) -> list[int] | None:
+    """None, or one int in [0, high] per row (pad lengths, reorder indices)."""
+    return draw(st.none() | st.lists(st.integers(0, high), min_size=batch, max_size=batch))
+
+
 @st.composite
 def backward(draw):
     start, end = draw(interval())
     h = draw(hidden())
     grad = torch.randn(h.shape).to(draw(float_dtypes))
-    return wire.Backward(draw(text), start, end, h, grad, draw(prompts), "none")
+    pads = per_row(draw, h.shape[0], 2**20)
+    return wire.Backward(draw(text), start, end, h, grad, draw(prompts), "none", pads)
+
+
+@st.composite
+def step(draw):
+    h = draw(hidden())
+    reorder = per_row(draw, h.shape[0], h.shape[0] - 1) if h.shape[0] else None
+    return wire.Step(
+        h,
+        draw(counter),
+        draw(st.none() | st.integers(0, 10)),
+        draw(st.none() | st.integers(11, 20)),
+        draw(st.booleans()),
+        reorder=reorder,
+    )
+
+
+@st.composite
+def open_session(draw):
+    start, end = draw(interval())
+    batch = draw(st.integers(1, 4) | st.integers(1, 2**16))
+    pads = per_row(draw, batch, 2**20) if batch <= 4 else None
+    return wire.OpenSession(
+        draw(text),
+        start,
+        end,
+        draw(st.integers(1, 2**20)),
+        batch,
+        draw(st.sampled_from(wire.COMPRESSIONS)),
+        draw(st.text(min_size=1, max_size=128)),
+        pads,
+    )
+
+
+@st.composite
+def session_opened(draw):
+    start, end = draw(interval())
+    return wire.SessionOpened(
+        draw(text),
+        start,
+        end,
+        draw(counter),
+        max_frame=draw(st.integers(1, 2**40)),
+        max_tokens=draw(st.none() | counter),
+        dtype=draw(st.sampled_from(["float32", "float16", "bfloat16", "float64"])),
+    )
+
+
+@st.composite
+def forward(draw):
+    start, end = draw(interval())
+    h = draw(hidden())
+    pads = per_row(draw, h.shape[0], 2**20)
+    return wire.Forward(draw(text), start, end, h, draw(prompts), pad_lengths=pads)
 
 
 MESSAGES = {
-    "open_session": st.builds(
-        lambda iv, *rest: wire.OpenSession(rest[0], iv[0], iv[1], *rest[1:]),
-        interval(),
-        text,
-        st.integers(1, 2**20),
-        st.integers(1, 2**16),
-        st.sampled_from(wire.COMPRESSIONS),
-        st.text(min_size=1, max_size=128),
-    ),
-    "session_opened": st.builds(
-        lambda iv, sid, free: wire.SessionOpened(sid, iv[0], iv[1], free), interval(), text, counter
-    ),
-    "step": st.builds(
-        wire.Step,
-        hidden(),
-        counter,
-        st.none() | st.integers(0, 10),
-        st.none() | st.integers(11, 20),
-        st.booleans(),
-    ),
+    "open_session": open_session(),
+    "session_opened": session_opened(),
+    "step": step(),
     "step_result": st.builds(wire.StepResult, hidden(), counter, counter),
     "close_session": st.just(wire.CloseSession()),
-    "forward": st.builds(
-        lambda iv, m, h, p: wire.Forward(m, iv[0], iv[1], h, p), interval(), text, hidden(), prompts
-    ),
+    "forward": forward(),
     "forward_result": st.builds(wire.ForwardResult, hidden()),
     "backward": backward(),
     "backward_result": st.builds(wire.BackwardResult, hidden(), prompts),
     "info": st.just(wire.Info()),
-    "info_result": st.builds(wire.InfoResult, plain_map, plain_map),
+    "info_result": st.builds(wire.InfoResult, plain_map, plain_map, plain_map),
     "ping": st.builds(wire.Ping, st.integers(0, 2**64 - 1)),
     "pong": st.builds(wire.Pong, st.integers(0, 2**64 - 1)),
     "error": st.builds(
@@ -332,3 +373,40 @@ assert "torch" not in [m for m in sys.modules if sys.modules[m] is not None]
 """
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
+
+
+def test_session_opened_from_an_older_server_gets_the_default_limits():
+    d = wire.SessionOpened("s", 0, 4, 100).to_wire()
+    for field in ("max_frame", "max_tokens", "dtype"):
+        del d[field]
+    opened = parse_message(d)
+    assert (opened.max_frame, opened.max_tokens, opened.dtype) == (
+        wire.DEFAULT_MAX_FRAME,
+        None,
+        "float32",
+    )
+
+
+@pytest.mark.parametrize(
+    "build",
+    [
+        lambda: wire.OpenSession("m", 0, 4, 128, 2, "none", "s", pad_lengths=[0]),
+        lambda: wire.Step(torch.zeros(2, 1, 4), 0, reorder=[0, 1, 1]),
+        lambda: wire.Step(torch.zeros(2, 1, 4), 0, reorder=[0, 2]),
+        lambda: wire.Forward("m", 0, 2, torch.zeros(3, 2, 4), pad_lengths=[0, 1]),
+        lambda: wire.Backward("m", 0, 2, *[torch.zeros(1, 2, 4)] * 2, pad_lengths=[0, 0]),
+        lambda: local.OpenChain("m", 8, batch_size=2, pad_lengths=[1, 2, 3]),
+        lambda: local.ChainStep("c", torch.zeros(2, 1, 4), reorder=[1]),
+    ],
+)
+def test_per_row_lists_must_match_the_batch(build):
+    with pytest.raises(WireError) as info:
+        build()
+    assert info.value.code == "bad_request"
+
+
+def test_a_received_reorder_outside_the_batch_is_refused():
+    d = wire.Step(torch.zeros(2, 1, 4), 0, reorder=[1, 0]).to_wire()
+    d["reorder"] = [1, 5]
+    with pytest.raises(WireError, match="outside the batch"):
+        parse_message(d)

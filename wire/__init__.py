@@ -50,6 +50,7 @@ from .schema import (
     parse_message,
     register,
 )
+from .sizing import ENVELOPE_BYTES, cuts, rows_per_frame, tensor_bytes
 
 _NEED_TORCH = {
     "encode_tensor": "tensors",
@@ -73,6 +74,7 @@ __all__ = [
     "COMPRESSIONS",
     "DEFAULT_MAX_FRAME",
     "DTYPES",
+    "ENVELOPE_BYTES",
     "HEADER_SIZE",
     "INT8_BLOCK",
     "PROTOCOL_VERSION",
@@ -102,6 +104,7 @@ __all__ = [
     "TensorSpec",
     "Text",
     "WireError",
+    "cuts",
     "decode_payload",
     "decode_tensor",
     "encode_frame",
@@ -110,5 +113,7 @@ __all__ = [
     "parse_header",
     "parse_message",
     "register",
+    "rows_per_frame",
+    "tensor_bytes",
     "wired",
 ]

@@ -11,8 +11,7 @@ from __future__ import annotations
 
 import torch
 
-INT8_BLOCK = 64
-"""Values per int8 block (one float32 scale each)."""
+from .names import INT8_BLOCK
 
 
 def quantize_int8(x: torch.Tensor, block: int = INT8_BLOCK) -> tuple[torch.Tensor, torch.Tensor]:

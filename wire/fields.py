@@ -13,9 +13,10 @@ from typing import Any
 
 from .errors import ErrorCode, WireError, bad_request
 from .guard import MAX_DEPTH
-from .names import COMPRESSIONS, MAX_NDIM
+from .names import COMPRESSIONS, FLOATING_DTYPES, MAX_NDIM
 
 INT64_MIN, UINT64_MAX = -(2**63), 2**64 - 1  # what msgpack can carry
+MAX_LIST = 4096
 
 
 class Spec:
@@ -117,6 +118,31 @@ class TensorSpec(Spec):
         return tensor
 
 
+class ListOf(Spec):
+    """A list of at most `max_len` values of the inner spec (msgpack arrays)."""
+
+    def __init__(self, inner: Spec, max_len: int = MAX_LIST) -> None:
+        self.inner, self.max_len = inner, max_len
+
+    def check(self, where: str, value: Any) -> None:
+        if type(value) not in (list, tuple):
+            raise bad_request(f"{where} must be a list, got {type(value).__name__}")
+        if len(value) > self.max_len:
+            raise bad_request(f"{where} has {len(value)} items, at most {self.max_len} allowed")
+        for i, item in enumerate(value):
+            self.inner.check(f"{where}[{i}]", item)
+
+    def to_wire(self, value: Any, compression: str) -> Any:
+        return [self.inner.to_wire(v, compression) for v in value]
+
+    def from_wire(self, where: str, value: Any) -> Any:
+        if type(value) not in (list, tuple):
+            raise bad_request(f"{where} must be a list, got {type(value).__name__}")
+        if len(value) > self.max_len:
+            raise bad_request(f"{where} has {len(value)} items, at most {self.max_len} allowed")
+        return [self.inner.from_wire(f"{where}[{i}]", v) for i, v in enumerate(value)]
+
+
 class Maybe(Spec):
     """The inner spec, or None."""
 
@@ -147,6 +173,18 @@ BLOCK = Int(0, 2**16)
 COUNTER = Int(0, 2**63 - 1)
 HIDDEN = TensorSpec(floating=True, ndim=3)
 PROMPTS = Maybe(TensorSpec(floating=True))
+PAD_LENGTHS = Maybe(ListOf(Int(0, 2**20), 2**16))
+"""Per sequence of a batch, how many positions at its start are padding (left padding)."""
+BATCH_INDEX = Maybe(ListOf(Int(0, 2**16 - 1), 2**16))
+"""Row i of the result is row index[i] of the source (beam search reordering hypotheses)."""
+FRAME_BYTES = Int(1, 2**40)
+COMPUTE_DTYPE = Text(16, choices=FLOATING_DTYPES)
+
+
+def check_batch_list(where: str, values: list[int] | None, batch: int) -> None:
+    """A per-row list (pad lengths, reorder index) must have one entry per row of the batch."""
+    if values is not None and len(values) != batch:
+        raise bad_request(f"{where} has {len(values)} entries for a batch of {batch}")
 
 
 def _check_plain(where: str, value: Any, depth: int) -> None:

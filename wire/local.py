@@ -23,13 +23,29 @@ if TYPE_CHECKING:
     import torch
 
 from .errors import bad_request
-from .fields import COMPRESSION, HIDDEN, PROMPTS, Flag, Int, Maybe, PlainMap, Spec, Text, wired
+from .fields import (
+    BATCH_INDEX,
+    COMPRESSION,
+    FRAME_BYTES,
+    HIDDEN,
+    PAD_LENGTHS,
+    PROMPTS,
+    Flag,
+    Int,
+    ListOf,
+    Maybe,
+    PlainMap,
+    Spec,
+    Text,
+    check_batch_list,
+    wired,
+)
+from .framing import DEFAULT_MAX_FRAME
 from .schema import Message, register
 
 MODEL_REF = Text(4096)
 CHAIN_ID = Text(64)
 TRACE_ID = Text(64)
-MAX_LIST = 4096
 
 
 class Float(Spec):
@@ -49,31 +65,6 @@ class Float(Spec):
     def from_wire(self, where: str, value: Any) -> float:
         self.check(where, value)
         return float(value)
-
-
-class ListOf(Spec):
-    """A list of at most `max_len` values of the inner spec (msgpack arrays)."""
-
-    def __init__(self, inner: Spec, max_len: int = MAX_LIST) -> None:
-        self.inner, self.max_len = inner, max_len
-
-    def check(self, where: str, value: Any) -> None:
-        if type(value) not in (list, tuple):
-            raise bad_request(f"{where} must be a list, got {type(value).__name__}")
-        if len(value) > self.max_len:
-            raise bad_request(f"{where} has {len(value)} items, at most {self.max_len} allowed")
-        for i, item in enumerate(value):
-            self.inner.check(f"{where}[{i}]", item)
-
-    def to_wire(self, value: Any, compression: str) -> Any:
-        return [self.inner.to_wire(v, compression) for v in value]
-
-    def from_wire(self, where: str, value: Any) -> Any:
-        if type(value) not in (list, tuple):
-            raise bad_request(f"{where} must be a list, got {type(value).__name__}")
-        if len(value) > self.max_len:
-            raise bad_request(f"{where} has {len(value)} items, at most {self.max_len} allowed")
-        return [self.inner.from_wire(f"{where}[{i}]", v) for i, v in enumerate(value)]
 
 
 class HopSpec(Spec):
@@ -123,25 +114,38 @@ class OpenChain(Message):
     compression: str = wired(COMPRESSION, default="none")
     allow: list[str] | None = wired(PEER_LIST, default=None)
     deny: list[str] | None = wired(PEER_LIST, default=None)
+    pad_lengths: list[int] | None = wired(PAD_LENGTHS, default=None)
+
+    def validate(self) -> None:
+        check_batch_list(f"{self.TYPE}.pad_lengths", self.pad_lengths, self.batch_size)
 
 
 @register
 @dataclass(frozen=True, eq=False)
 class ChainOpened(Message):
+    """`max_frame`: the largest frame the daemon reads; a script cuts bigger steps."""
+
     TYPE: ClassVar[str] = "chain_opened"
     chain_id: str = wired(CHAIN_ID)
     model_id: str = wired(Text(256))
     num_blocks: int = wired(Int(0, 2**16))
     route: list[Any] = wired(ROUTE)
+    max_frame: int = wired(FRAME_BYTES, default=DEFAULT_MAX_FRAME)
 
 
 @register
 @dataclass(frozen=True, eq=False)
 class ChainStep(Message):
+    """`reorder` gathers every hop's cache rows (beam search) before this step runs."""
+
     TYPE: ClassVar[str] = "chain_step"
     chain_id: str = wired(CHAIN_ID)
     hidden: torch.Tensor = wired(HIDDEN)
     compression: str = wired(COMPRESSION, default="none")
+    reorder: list[int] | None = wired(BATCH_INDEX, default=None)
+
+    def validate(self) -> None:
+        check_batch_list(f"{self.TYPE}.reorder", self.reorder, self.hidden.shape[0])
 
 
 @register

@@ -21,5 +21,23 @@ DTYPE_NAMES = (
     "bool",
 )
 
+ITEMSIZES = {
+    "float32": 4,
+    "float16": 2,
+    "bfloat16": 2,
+    "float64": 8,
+    "int64": 8,
+    "int32": 4,
+    "int16": 2,
+    "int8": 1,
+    "uint8": 1,
+    "bool": 1,
+}
+"""Bytes per element of each dtype on the wire (raw, before compression)."""
+FLOATING_DTYPES = ("float32", "float16", "bfloat16", "float64")
+
+INT8_BLOCK = 64
+"""Values per int8 block of the activation compression (one float32 scale each)."""
+
 MAX_NDIM = 8
 MAX_DIM = 2**31 - 1

@@ -9,7 +9,16 @@ Ping -> Pong. Any request may be answered by Error.
 
 Blocks are half-open intervals [start, end). `compression` names how the tensors of a
 message travel ("none", "float16", "int8"); a reply uses the request's (or session's).
-Hidden states are (batch, sequence, hidden) floating tensors.
+Hidden states are (batch, sequence, hidden) floating tensors; a server answers in its compute
+dtype (SessionOpened.dtype, InfoResult.limits["dtype"]), and a client sends in it.
+
+A request must fit the smaller of the sender's and the receiver's frame limit
+(SessionOpened.max_frame, InfoResult.limits): senders cut big steps along the sequence and
+big forward/backward requests along the batch (wire.sizing).
+
+Left padding: `pad_lengths[i]` positions at the start of sequence i are padding, never
+attended to. `Step.reorder` (beam search) gathers the session's cache rows by that index
+before the step is computed.
 """
 
 from __future__ import annotations
@@ -19,11 +28,15 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from .errors import ErrorCode, WireError, bad_request
 from .fields import (
+    BATCH_INDEX,
     BLOCK,
     COMPRESSION,
+    COMPUTE_DTYPE,
     COUNTER,
+    FRAME_BYTES,
     HIDDEN,
     MODEL_ID,
+    PAD_LENGTHS,
     PROMPTS,
     SESSION_ID,
     UINT64_MAX,
@@ -33,8 +46,10 @@ from .fields import (
     PlainMap,
     TensorSpec,
     Text,
+    check_batch_list,
     wired,
 )
+from .framing import DEFAULT_MAX_FRAME
 from .schema import Message, register
 
 if TYPE_CHECKING:
@@ -65,19 +80,27 @@ class OpenSession(Message):
     batch_size: int = wired(Int(1, MAX_BATCH))
     compression: str = wired(COMPRESSION)
     session_id: str = wired(SESSION_ID)
+    pad_lengths: list[int] | None = wired(PAD_LENGTHS, default=None)
 
     def validate(self) -> None:
         _check_interval(self)
+        check_batch_list(f"{self.TYPE}.pad_lengths", self.pad_lengths, self.batch_size)
 
 
 @register
 @dataclass(frozen=True, eq=False)
 class SessionOpened(Message):
+    """The session is ready; the server's limits and compute dtype come with it (peers that
+    predate these fields are taken to have the default frame limit and float32)."""
+
     TYPE: ClassVar[str] = "session_opened"
     session_id: str = wired(SESSION_ID)
     start: int = wired(BLOCK)
     end: int = wired(BLOCK)
     free_cache_tokens: int = wired(COUNTER)
+    max_frame: int = wired(FRAME_BYTES, default=DEFAULT_MAX_FRAME)
+    max_tokens: int | None = wired(Maybe(COUNTER), default=None)
+    dtype: str = wired(COMPUTE_DTYPE, default="float32")
 
     def validate(self) -> None:
         _check_interval(self)
@@ -95,10 +118,15 @@ class Step(Message):
     end: int | None = wired(Maybe(BLOCK), default=None)
     replay: bool = wired(Flag(), default=False)
     compression: str = wired(COMPRESSION, default="none")
+    reorder: list[int] | None = wired(BATCH_INDEX, default=None)
 
     def validate(self) -> None:
         if self.start is not None and self.end is not None:
             _check_interval(self)
+        batch = self.hidden.shape[0]
+        check_batch_list(f"{self.TYPE}.reorder", self.reorder, batch)
+        if self.reorder is not None and any(i >= batch for i in self.reorder):
+            raise bad_request(f"{self.TYPE}.reorder has an index outside the batch of {batch}")
 
 
 @register
@@ -129,9 +157,11 @@ class Forward(Message):
     hidden: torch.Tensor = wired(HIDDEN)
     prompts: torch.Tensor | None = wired(PROMPTS, default=None)
     compression: str = wired(COMPRESSION, default="none")
+    pad_lengths: list[int] | None = wired(PAD_LENGTHS, default=None)
 
     def validate(self) -> None:
         _check_interval(self)
+        check_batch_list(f"{self.TYPE}.pad_lengths", self.pad_lengths, self.hidden.shape[0])
 
 
 @register
@@ -155,6 +185,7 @@ class Backward(Message):
     grad_out: torch.Tensor = wired(HIDDEN)
     prompts: torch.Tensor | None = wired(PROMPTS, default=None)
     compression: str = wired(COMPRESSION, default="none")
+    pad_lengths: list[int] | None = wired(PAD_LENGTHS, default=None)
 
     def validate(self) -> None:
         _check_interval(self)
@@ -163,6 +194,7 @@ class Backward(Message):
                 f"backward.grad_out shape {tuple(self.grad_out.shape)} differs from "
                 f"hidden shape {tuple(self.hidden.shape)}"
             )
+        check_batch_list(f"{self.TYPE}.pad_lengths", self.pad_lengths, self.hidden.shape[0])
 
 
 @register
@@ -183,11 +215,13 @@ class Info(Message):
 @register
 @dataclass(frozen=True, eq=False)
 class InfoResult(Message):
-    """The server's announced record and its current load, as plain maps."""
+    """The server's announced record, its current load and what requests it accepts, as plain
+    maps; `limits` has "max_frame", "max_tokens" and "dtype" (its compute dtype)."""
 
     TYPE: ClassVar[str] = "info_result"
     record: dict[str, Any] = wired(PlainMap())
     load: dict[str, Any] = wired(PlainMap())
+    limits: dict[str, Any] = wired(PlainMap(), default_factory=dict)
 
 
 @register

@@ -107,6 +107,7 @@ class Peer:
         compression: str = "none",
         allow: Sequence[str] | None = None,
         deny: Sequence[str] | None = None,
+        pad_lengths: Sequence[int] | None = None,
     ) -> ChainSession:
         return ChainSession(
             self,
@@ -116,6 +117,7 @@ class Peer:
             compression=compression,
             allow=allow,
             deny=deny,
+            pad_lengths=pad_lengths,
         )
 
     def forward(
@@ -168,7 +170,11 @@ class Peer:
 
 
 class ChainSession:
-    """An inference chain held open by the daemon: step hidden states through every block."""
+    """An inference chain held open by the daemon: step hidden states through every block.
+
+    `pad_lengths`: left padding of each sequence of the batch (positions never attended to).
+    A step too big for one frame of the socket is sent as several along the sequence.
+    """
 
     def __init__(
         self,
@@ -180,15 +186,20 @@ class ChainSession:
         compression: str = "none",
         allow=None,
         deny=None,
+        pad_lengths: Sequence[int] | None = None,
     ) -> None:
-        self._request = api.OpenChain(
-            model=model,
-            max_length=max_length,
-            batch_size=batch_size,
-            compression=compression,
-            allow=list(allow) if allow is not None else None,
-            deny=list(deny) if deny is not None else None,
-        )
+        try:
+            self._request = api.OpenChain(
+                model=model,
+                max_length=max_length,
+                batch_size=batch_size,
+                compression=compression,
+                allow=list(allow) if allow is not None else None,
+                deny=list(deny) if deny is not None else None,
+                pad_lengths=[int(p) for p in pad_lengths] if pad_lengths is not None else None,
+            )
+        except wire.WireError as exc:
+            raise PeerdError(exc.code, exc.message) from None
         self._peer = peer
         self.conn: Connection | None = None
         self.chain_id = ""
@@ -196,6 +207,7 @@ class ChainSession:
         self.num_blocks = 0
         self.route: list[tuple[str, int, int]] = []
         self.recoveries = 0
+        self.max_frame = wire.DEFAULT_MAX_FRAME  # the daemon's, from ChainOpened
 
     def open(self) -> ChainSession:
         self.conn = self._peer.connect()
@@ -207,20 +219,46 @@ class ChainSession:
             raise
         self.chain_id, self.model_id = opened.chain_id, opened.model_id
         self.num_blocks, self.route = opened.num_blocks, list(opened.route)
+        self.max_frame = opened.max_frame
         return self
 
-    def step(self, hidden: torch.Tensor) -> torch.Tensor:
-        """[batch, new tokens, hidden] in → hidden states after the last block."""
+    def step(self, hidden: torch.Tensor, reorder: Sequence[int] | None = None) -> torch.Tensor:
+        """[batch, new tokens, hidden] in → hidden states after the last block.
+
+        `reorder` (beam search): row i of every cache becomes row reorder[i] before the step.
+        """
         if self.conn is None:
             raise PeerdError("closed", "the session is not open")
-        reply = self.conn.request(
-            api.ChainStep(
-                chain_id=self.chain_id, hidden=hidden, compression=self._request.compression
-            ),
-            api.ChainStepResult,
-        )
-        self.route, self.recoveries = list(reply.route), reply.recoveries
-        return reply.hidden
+        compression = self._request.compression
+        index = [int(i) for i in reorder] if reorder is not None else None
+        try:
+            per_step = wire.rows_per_frame(
+                list(hidden.shape),
+                hidden.dtype,
+                compression,
+                min(self.max_frame, self.conn.max_frame),
+            )
+            requests = [
+                api.ChainStep(
+                    chain_id=self.chain_id,
+                    hidden=hidden[:, piece],
+                    compression=compression,
+                    reorder=index if piece.start == 0 else None,
+                )
+                for piece in wire.cuts(hidden.shape[1], per_step)
+            ]
+        except wire.WireError as exc:
+            raise PeerdError(exc.code, exc.message) from None
+        outputs = []
+        for request in requests:
+            reply = self.conn.request(request, api.ChainStepResult)
+            self.route, self.recoveries = list(reply.route), reply.recoveries
+            outputs.append(reply.hidden)
+        if len(outputs) == 1:
+            return outputs[0]
+        import torch  # only a step's tensors need it, and they brought it already
+
+        return torch.cat(outputs, dim=1)
 
     def close(self) -> None:
         if self.conn is None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 import uuid
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 import trio
 
@@ -38,6 +38,7 @@ class ChainFactory:
         allow: Iterable[str] | None = None,
         deny: Iterable[str] | None = None,
         mode: str = "latency",
+        pad_lengths: Sequence[int] | None = None,
     ) -> ChainOptions:
         return ChainOptions(
             model_id=model_id,
@@ -49,6 +50,7 @@ class ChainFactory:
             allow=frozenset(allow) if allow is not None else None,
             deny=frozenset(deny or ()),
             mode=mode,
+            pad_lengths=pad_lengths,
         )
 
     def planning(self, options: ChainOptions) -> Planning:
@@ -80,9 +82,10 @@ class ChainFactory:
 class ChainHandlers:
     """OpenChain, ChainStep and CloseChain: research access to hidden states."""
 
-    def __init__(self, models: ModelRegistry, chains: ChainFactory) -> None:
+    def __init__(self, models: ModelRegistry, chains: ChainFactory, max_frame: int) -> None:
         self.models = models
         self.chains = chains
+        self.max_frame = max_frame  # of the local socket: clients cut bigger steps
 
     async def open(self, request: api.OpenChain, conn: ApiConnection) -> None:
         model = await self.models.resolve(request.model)
@@ -94,6 +97,7 @@ class ChainHandlers:
             compression=request.compression,
             allow=request.allow,
             deny=request.deny,
+            pad_lengths=request.pad_lengths,
         )
         chain = await self.chains.open(options)
         chain_id = uuid.uuid4().hex
@@ -104,12 +108,13 @@ class ChainHandlers:
                 model_id=model.model_id,
                 num_blocks=model.num_blocks,
                 route=chain.route,
+                max_frame=self.max_frame,
             )
         )
 
     async def step(self, request: api.ChainStep, conn: ApiConnection) -> None:
         chain = conn.chain(request.chain_id)
-        hidden = await chain.step(request.hidden.float())
+        hidden = await chain.step(request.hidden.float(), reorder=request.reorder)
         await conn.reply(
             api.ChainStepResult(
                 hidden=hidden.to(request.hidden.dtype),

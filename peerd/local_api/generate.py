@@ -56,8 +56,8 @@ class GenerateHandler:
             compression=request.compression,
             allow=request.allow,
             deny=request.deny,
+            pad_lengths=gen.pad_lengths,
         )
-        options.pad_lengths = gen.pad_lengths
         chain = self.chains.chain(options)
 
         def advance(out: torch.Tensor):

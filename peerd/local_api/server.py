@@ -46,7 +46,7 @@ class LocalAPI:
         self.max_frame = max_frame
         self.models = ModelRegistry(swarm)
         self.chains = ChainFactory(swarm)
-        chains = ChainHandlers(self.models, self.chains)
+        chains = ChainHandlers(self.models, self.chains, max_frame)
         training = TrainingHandlers(self.models, self.chains)
         self.handlers: dict[type[wire.Message], Handler] = {
             api.ListModels: self._list_models,

@@ -40,7 +40,8 @@ class ServerLimits:
             "min": 1,
         },
     )
-    # The daemon applies the same limit to its local socket.
+    # The daemon applies the same limit to its local socket. Both limits are announced
+    # (SessionOpened, Info) so that clients cut bigger requests instead of having them refused.
     max_frame: int = field(
         default=DEFAULT_MAX_FRAME,
         metadata={

@@ -1,0 +1,148 @@
+"""The routing state a chain works with: its options, candidate servers, bans, the planner.
+
+Shared by inference chains (one per session) and training requests (one per model, so that
+servers are pinged once): `build` lists and pings the candidates, `ban` takes a failed
+server out, `route_from` repairs an inference route with D* Lite, `route_range` plans a
+fresh route over some blocks, and both wait (up to the recovery timeout) for a server to
+cover blocks nobody serves.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+
+import trio
+
+from peerd.hops import ChainError, HopLimits
+from routing import (
+    BanList,
+    CostModel,
+    NoRouteError,
+    Route,
+    RoutePlanner,
+    ServerAdded,
+    ServerRemoved,
+    ServerSpan,
+)
+
+log = logging.getLogger("peerd.chain")
+
+ServerSource = Callable[[], Awaitable[Sequence[ServerSpan]]]
+RttProbe = Callable[[Sequence[str]], Awaitable[dict[str, float]]]
+
+
+@dataclass
+class ChainOptions:
+    """Everything a chain needs to know besides where its servers come from."""
+
+    model_id: str
+    start: int
+    end: int
+    max_length: int
+    batch_size: int = 1
+    compression: str = "none"
+    step_timeout: float = 30.0
+    open_timeout: float = 10.0
+    recovery_timeout: float = 30.0
+    max_failures: int = 16
+    allow: frozenset[str] | None = None
+    deny: frozenset[str] = frozenset()
+    mode: str = "latency"
+    pad_lengths: Sequence[int] | None = None
+    """Left padding of each sequence of the batch (positions at its start never attended to)."""
+
+
+@dataclass
+class Planning:
+    """The shared routing state of a chain: candidate servers, bans, the D* Lite planner."""
+
+    options: ChainOptions
+    source: ServerSource
+    probe_rtts: RttProbe | None
+    bans: BanList
+    clock: Callable[[], float] = time.monotonic
+    planner: RoutePlanner | None = None
+    known: dict[str, ServerSpan] = field(default_factory=dict)
+    waiting: float | None = None  # overrides options.recovery_timeout while set
+    rtts: dict[str, float] = field(default_factory=dict)
+    peer_limits: dict[str, HopLimits] = field(default_factory=dict)  # as servers told us
+
+    def _eligible(self, servers: Iterable[ServerSpan]) -> list[ServerSpan]:
+        now = self.clock()
+        opts = self.options
+        return [
+            s
+            for s in servers
+            if (opts.allow is None or s.peer_id in opts.allow)
+            and s.peer_id not in opts.deny
+            and not self.bans.is_banned(s.peer_id, now)
+            and s.end > opts.start
+            and s.start < opts.end
+        ]
+
+    async def build(self) -> None:
+        servers = self._eligible(await self.source())
+        self.rtts = await self.probe_rtts([s.peer_id for s in servers]) if self.probe_rtts else {}
+        self.known = {s.peer_id: s for s in servers}
+        self.planner = RoutePlanner(
+            servers,
+            CostModel(client_rtts=self.rtts),
+            start=self.options.start,
+            end=self.options.end,
+            mode=self.options.mode,
+        )
+
+    async def refresh(self) -> None:
+        """Tell the planner which servers appeared (or came back from a ban) and which left."""
+        assert self.planner is not None
+        fresh = {s.peer_id: s for s in self._eligible(await self.source())}
+        changes: list = [ServerRemoved(p) for p in self.known if p not in fresh]
+        changes += [ServerAdded(s) for p, s in fresh.items() if p not in self.known]
+        self.known = fresh
+        if changes:
+            self.planner.update(changes)
+
+    def ban(self, peer_id: str) -> None:
+        assert self.planner is not None
+        backoff = self.bans.ban(peer_id, self.clock())
+        self.peer_limits.pop(peer_id, None)
+        log.info("banned %s for %.1f s", peer_id[:12], backoff)
+        if self.known.pop(peer_id, None) is not None:
+            self.planner.update([ServerRemoved(peer_id)])
+
+    async def route_from(self, block: int, prev_peer: str | None) -> list[tuple[str, int, int]]:
+        """Best route from `block` to the end (D* Lite repair); waits for coverage if needed."""
+        assert self.planner is not None
+        planner = self.planner
+        return await self._wait_for_route(lambda: planner.route_from(block, prev_peer))
+
+    async def route_range(self, start: int, end: int) -> list[tuple[str, int, int]]:
+        """A fresh route over exactly [start, end) (training requests and their retries)."""
+
+        def plan() -> Route:
+            servers = self._eligible(self.known.values())
+            return RoutePlanner(
+                servers,
+                CostModel(client_rtts=self.rtts),
+                start=start,
+                end=end,
+                mode=self.options.mode,
+            ).plan()
+
+        return await self._wait_for_route(plan)
+
+    async def _wait_for_route(self, plan: Callable[[], Route]) -> list[tuple[str, int, int]]:
+        wait = self.options.recovery_timeout if self.waiting is None else self.waiting
+        deadline = self.clock() + wait
+        while True:
+            try:
+                return [(h.peer_id, h.start, h.end) for h in plan().hops]
+            except NoRouteError as exc:
+                if self.clock() >= deadline:
+                    raise ChainError("no_route", str(exc)) from exc
+                log.info("%s; waiting for a server to cover them", exc)
+                await trio.sleep(0.5)
+                await self.refresh()

@@ -1,0 +1,137 @@
+"""Running requests on a server's span: every check a request must pass, then the compute.
+
+Shared by inference sessions and stateless forward/backward: the model and block checks,
+the tokens-per-request limit, the cast to the compute dtype and device, and the compute
+queue with its wait timeout. Outputs go back in the compute dtype (clients send in it too,
+SessionOpened.dtype), so a bfloat16 server moves half the bytes of float32 both ways.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import trio
+
+import wire
+from blocks import BlockRangeError, BlocksError, InputError, Span
+from peerd.server.limits import RequestRefused, ServerLimits
+from peerd.server.priority import TRAINING, ComputeQueue
+
+
+class SpanRunner:
+    """Checks requests against one span and its limits; runs them on the compute queue."""
+
+    def __init__(self, span: Span, model_id: str, limits: ServerLimits) -> None:
+        self.span = span
+        self.model_id = model_id
+        self.limits = limits
+        self.compute = ComputeQueue()
+        self.requests_served = 0
+
+    @property
+    def dtype_name(self) -> str:
+        return str(self.span.dtype).removeprefix("torch.")
+
+    def accepts(self) -> dict[str, Any]:
+        """What requests this server accepts (InfoResult.limits; SessionOpened has the same)."""
+        return {
+            "max_frame": self.limits.max_frame,
+            "max_tokens": self.limits.max_tokens_per_request,
+            "dtype": self.dtype_name,
+        }
+
+    # ----- checks -------------------------------------------------------------------
+    def check_model(self, model_id: str) -> None:
+        if model_id != self.model_id:
+            raise RequestRefused(
+                "unknown_model",
+                f"this server serves {self.model_id!r}, not {model_id!r}",
+                served=self.model_id,
+            )
+
+    def check_interval(self, start: int | None, end: int | None) -> tuple[int, int]:
+        start = self.span.start if start is None else start
+        end = self.span.end if end is None else end
+        if not (self.span.start <= start < end <= self.span.end):
+            raise RequestRefused(
+                "out_of_range",
+                f"blocks {start}:{end} are not within this server's blocks "
+                f"{self.span.start}:{self.span.end}",
+                served=[self.span.start, self.span.end],
+            )
+        return start, end
+
+    def check_tokens(self, hidden: torch.Tensor) -> None:
+        if hidden.dim() != 3:
+            raise RequestRefused(
+                "bad_request",
+                f"hidden states must have shape [batch, tokens, hidden], got {list(hidden.shape)}",
+            )
+        tokens = hidden.shape[0] * hidden.shape[1]
+        if tokens > self.limits.max_tokens_per_request:
+            raise RequestRefused(
+                "too_large",
+                f"request has {tokens:,} tokens (batch × length), the limit is "
+                f"{self.limits.max_tokens_per_request:,}",
+            )
+
+    def to_compute(self, tensor: torch.Tensor) -> torch.Tensor:
+        if not tensor.is_floating_point():
+            raise RequestRefused(
+                "bad_request", f"expected floating-point tensor, got {tensor.dtype}"
+            )
+        return tensor.to(device=self.span.device, dtype=self.span.dtype)
+
+    async def run(self, priority: int, fn: Callable[[], Any]) -> Any:
+        try:
+            result = await self.compute.run(priority, fn, wait_timeout=self.limits.step_timeout)
+        except trio.TooSlowError:
+            raise RequestRefused(
+                "busy", f"server busy: no compute slot within {self.limits.step_timeout:.0f} s"
+            ) from None
+        except BlockRangeError as exc:
+            raise RequestRefused("out_of_range", str(exc)) from exc
+        except (InputError, BlocksError) as exc:
+            raise RequestRefused("bad_request", str(exc)) from exc
+        self.requests_served += 1
+        return result
+
+    # ----- stateless forward / backward -----------------------------------------------
+    async def forward(self, message: wire.Forward) -> wire.ForwardResult:
+        self.check_model(message.model_id)
+        start, end = self.check_interval(message.start, message.end)
+        self.check_tokens(message.hidden)
+        hidden = self.to_compute(message.hidden)
+        prompts = None if message.prompts is None else self.to_compute(message.prompts)
+        pads = message.pad_lengths
+        output = await self.run(
+            TRAINING,
+            lambda: self.span.forward(hidden, prompts, start, end, pad_lengths=pads),
+        )
+        return wire.ForwardResult(hidden=output.cpu(), compression=message.compression)
+
+    async def backward(self, message: wire.Backward) -> wire.BackwardResult:
+        self.check_model(message.model_id)
+        start, end = self.check_interval(message.start, message.end)
+        self.check_tokens(message.hidden)
+        if message.grad_out.shape != message.hidden.shape:
+            raise RequestRefused(
+                "bad_request",
+                f"grad_out shape {list(message.grad_out.shape)} differs from hidden shape "
+                f"{list(message.hidden.shape)}",
+            )
+        hidden = self.to_compute(message.hidden)
+        grad_out = self.to_compute(message.grad_out)
+        prompts = None if message.prompts is None else self.to_compute(message.prompts)
+        pads = message.pad_lengths
+        grad_hidden, grad_prompts = await self.run(
+            TRAINING,
+            lambda: self.span.backward(hidden, grad_out, prompts, start, end, pad_lengths=pads),
+        )
+        return wire.BackwardResult(
+            grad_hidden=grad_hidden.cpu(),
+            grad_prompts=None if grad_prompts is None else grad_prompts.cpu(),
+            compression=message.compression,
+        )

@@ -1,0 +1,160 @@
+"""Inference sessions on a server: each holds a KV cache reserved from the server's budget.
+
+A session is opened with its batch size, max length and left padding; every Step appends
+tokens to its cache (a step cut into several by the client just advances it several times),
+after gathering the cache's rows first when the step carries a `reorder` (beam search).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from dataclasses import dataclass, field
+
+import wire
+from blocks import InputError, KVCache
+from peerd.server.limits import CacheBudget, RequestRefused, budget_tokens
+from peerd.server.priority import INFERENCE
+from peerd.server.runner import SpanRunner
+
+log = logging.getLogger("peerd.server")
+
+
+@dataclass
+class OpenSessionState:
+    """One client's inference session on this server."""
+
+    session_id: str
+    cache: KVCache
+    reserved_tokens: int
+    compression: str
+    opened_at: float = field(default_factory=time.monotonic)
+
+
+class Sessions:
+    """The open sessions of one server and the cache budget they draw on."""
+
+    def __init__(self, runner: SpanRunner) -> None:
+        self.runner = runner
+        span = runner.span
+        self.budget = CacheBudget(budget_tokens(runner.limits, span.cache_bytes_per_token()))
+        self.open: dict[int, OpenSessionState] = {}  # keyed by object: client ids may collide
+
+    def __len__(self) -> int:
+        return len(self.open)
+
+    def opened_reply(self, state: OpenSessionState) -> wire.SessionOpened:
+        accepts = self.runner.accepts()
+        return wire.SessionOpened(
+            session_id=state.session_id,
+            start=state.cache.start,
+            end=state.cache.end,
+            free_cache_tokens=self.budget.free,
+            max_frame=accepts["max_frame"],
+            max_tokens=accepts["max_tokens"],
+            dtype=accepts["dtype"],
+        )
+
+    def open_session(self, message: wire.OpenSession) -> OpenSessionState:
+        runner, limits = self.runner, self.runner.limits
+        runner.check_model(message.model_id)
+        start, end = runner.check_interval(message.start, message.end)
+        if len(self.open) >= limits.max_sessions:
+            raise RequestRefused(
+                "busy",
+                f"server busy: {len(self.open)} sessions open, the limit is {limits.max_sessions}",
+            )
+        if message.batch_size < 1 or message.max_length < 1:
+            raise RequestRefused("bad_request", "batch_size and max_length must be positive")
+        tokens = message.batch_size * message.max_length
+        cost = self._budget_cost(tokens, runner.span.cache_bytes_per_token(1, start, end))
+        self.budget.reserve(cost)
+        try:
+            cache = runner.span.new_cache(
+                message.batch_size,
+                message.max_length,
+                start,
+                end,
+                pad_lengths=message.pad_lengths,
+            )
+        except InputError as exc:  # pad lengths out of range
+            self.budget.release(cost)
+            raise RequestRefused("bad_request", str(exc)) from None
+        except BaseException:
+            self.budget.release(cost)
+            raise
+        state = OpenSessionState(
+            session_id=message.session_id or uuid.uuid4().hex,
+            cache=cache,
+            reserved_tokens=cost,
+            compression=message.compression,
+        )
+        self.open[id(state)] = state
+        log.info(
+            "session %s opened: blocks %d:%d, batch %d, max length %d",
+            state.session_id[:8],
+            start,
+            end,
+            message.batch_size,
+            message.max_length,
+        )
+        return state
+
+    def _budget_cost(self, tokens: int, bytes_per_token_of_interval: int) -> int:
+        """A session over a sub-interval costs its share of the full span's per-token bytes."""
+        full = self.runner.span.cache_bytes_per_token(1)
+        if full <= 0:
+            return tokens
+        return -(-tokens * bytes_per_token_of_interval // full)
+
+    def close_session(self, state: OpenSessionState) -> None:
+        self.open.pop(id(state), None)
+        self.budget.release(state.reserved_tokens)
+        log.info("session %s closed after %d tokens", state.session_id[:8], state.cache.length)
+
+    async def step(self, session: OpenSessionState, message: wire.Step) -> wire.StepResult:
+        runner, cache = self.runner, session.cache
+        if (message.start is not None and message.start != cache.start) or (
+            message.end is not None and message.end != cache.end
+        ):
+            raise RequestRefused(
+                "out_of_range",
+                f"this session covers blocks {cache.start}:{cache.end}; "
+                f"open a new session for blocks {message.start}:{message.end}",
+            )
+        hidden = message.hidden
+        runner.check_tokens(hidden)
+        if hidden.shape[0] != cache.batch_size:
+            raise RequestRefused(
+                "bad_request",
+                f"session batch size is {cache.batch_size}, step has {hidden.shape[0]}",
+            )
+        if cache.length + hidden.shape[1] > cache.max_length:
+            raise RequestRefused(
+                "cache_full",
+                f"session max length {cache.max_length} exceeded: {cache.length} cached + "
+                f"{hidden.shape[1]} new",
+            )
+        reorder = message.reorder
+        if reorder is not None and (
+            len(reorder) != cache.batch_size or any(not 0 <= i < cache.batch_size for i in reorder)
+        ):
+            raise RequestRefused(
+                "bad_request",
+                f"reorder must list {cache.batch_size} row indices in [0, {cache.batch_size})",
+            )
+        inputs = runner.to_compute(hidden)
+
+        def run():
+            if reorder is not None:
+                cache.reorder(reorder)
+            return runner.span.step(inputs, cache)
+
+        output = await runner.run(INFERENCE, run)
+        return wire.StepResult(
+            hidden=output.cpu(),
+            step_id=message.step_id,
+            cache_length=cache.length,
+            compression=session.compression,
+        )
