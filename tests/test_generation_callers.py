@@ -25,14 +25,17 @@ def model_dir(tmp_path_factory):
 class FakeSession:
     """What `Peer.session` returns, over a local span and KV cache."""
 
-    def __init__(self, span: Span, max_length: int, batch_size: int) -> None:
-        self.span, self.cache = span, span.new_cache(batch_size, max_length)
+    def __init__(self, span: Span, max_length: int, batch_size: int, pad_lengths=None) -> None:
+        self.span = span
+        self.cache = span.new_cache(batch_size, max_length, pad_lengths=pad_lengths)
         self.route = [("local", 0, span.end)]
         self.recoveries = 0
         self.steps = 0
 
-    def step(self, hidden: torch.Tensor) -> torch.Tensor:
+    def step(self, hidden: torch.Tensor, reorder=None) -> torch.Tensor:
         self.steps += 1
+        if reorder is not None:
+            self.cache.reorder(reorder)
         return self.span.step(hidden, self.cache)
 
     def __enter__(self) -> FakeSession:
@@ -47,8 +50,8 @@ class FakePeer:
         self.span = Span.load(model_dir, 0, 3)
         self.sessions: list[FakeSession] = []
 
-    def session(self, model, max_length: int, *, batch_size: int = 1) -> FakeSession:
-        self.sessions.append(FakeSession(self.span, max_length, batch_size))
+    def session(self, model, max_length: int, *, batch_size: int = 1, pad_lengths=None):
+        self.sessions.append(FakeSession(self.span, max_length, batch_size, pad_lengths))
         return self.sessions[-1]
 
 
@@ -78,16 +81,25 @@ def test_torch_client_sampling_shapes_and_seed(model_dir):
     assert torch.equal(out, model.generate(torch.tensor(PROMPTS), **kwargs))
 
 
-def test_torch_client_refuses_what_the_socket_cannot_carry_yet(model_dir):
+def test_torch_client_padding_and_beams_equal_transformers(model_dir):
+    model = AutoDistributedModelForCausalLM.from_pretrained(model_dir, peer=FakePeer(model_dir))
+    ids = torch.tensor([[3, 3, 5, 17, 42, 7], [8, 9, 10, 11, 12, 13], [3, 3, 3, 4, 21, 30]])
+    mask = (torch.arange(6)[None] >= torch.tensor([[2], [0], [3]])).long()
+    kwargs = dict(max_new_tokens=5, eos_token_id=[], pad_token_id=3, do_sample=False)
+    out = model.generate(ids, attention_mask=mask, **kwargs)
+    ref = load_reference(model_dir).generate(ids, attention_mask=mask, **kwargs)
+    assert out.tolist() == ref.tolist()
+    beams = dict(max_new_tokens=5, num_beams=3, num_return_sequences=2, eos_token_id=None)
+    out = model.generate(torch.tensor(PROMPTS), **beams)
+    expected = reference(model_dir, PROMPTS, do_sample=False, pad_token_id=0, **beams)
+    assert out.tolist() == expected.tolist()
+
+
+def test_torch_client_refuses_bad_arguments(model_dir):
     model = AutoDistributedModelForCausalLM.from_pretrained(model_dir, peer=FakePeer(model_dir))
     ids = torch.tensor(PROMPTS)
     mask = torch.ones_like(ids)
-    mask[1, :2] = 0
-    with pytest.raises(NotImplementedError, match="pad_lengths"):
-        model.generate(ids, attention_mask=mask, max_new_tokens=2)
-    with pytest.raises(NotImplementedError, match="reorder"):
-        model.generate(ids, max_new_tokens=2, num_beams=2)
-    mask[1, :2], mask[1, 3] = 1, 0
+    mask[1, 1], mask[1, 3] = 1, 0
     with pytest.raises(ValueError, match="left padding"):
         model.generate(ids, attention_mask=mask, max_new_tokens=2)
     with pytest.raises(ValueError, match="temperature"):

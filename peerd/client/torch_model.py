@@ -161,24 +161,16 @@ class AutoDistributedModelForCausalLM(nn.Module):
         )
         prompts = _unpadded_prompts(input_ids, attention_mask)
         gen = Generation(prompts, params, vocab_size=self.config.vocab_size)
-        if gen.pad_lengths is not None:
-            # NEEDS-WIRE: OpenChain(pad_lengths=gen.pad_lengths) through Peer.session
-            raise NotImplementedError(
-                "prompts of different lengths (left padding) need pad_lengths on the chain, "
-                "which the daemon's socket API does not carry yet"
-            )
-        if params.num_beams > 1:
-            # NEEDS-WIRE: ChainStep(reorder=request.reorder) through ChainSession.step
-            raise NotImplementedError(
-                "beam search needs the chain to reorder its caches, which the daemon's socket "
-                "API does not carry yet"
-            )
         parts = self.parts
-        with self.peer.session(self.path, gen.max_length, batch_size=gen.rows) as session:
+        session = self.peer.session(
+            self.path, gen.max_length, batch_size=gen.rows, pad_lengths=gen.pad_lengths
+        )
+        with session:
 
             def step(request: StepRequest) -> torch.Tensor:
                 hidden = embed_request(parts, request).float()
-                return last_logits(parts, session.step(hidden))
+                reorder = None if request.reorder is None else request.reorder.tolist()
+                return last_logits(parts, session.step(hidden, reorder=reorder))
 
             results = generate_sync(gen, step)
         return _output_ids(input_ids, results, params.pad_id)

@@ -47,6 +47,33 @@ def local_greedy(model_dir: Path, input_ids: list[int], new_tokens: int) -> list
         return generate_sync(gen, LocalStep(parts, span, gen.max_length))[0].token_ids
 
 
+def swarm_greedy(
+    session,
+    parts: ClientParts,
+    input_ids: list[int],
+    new_tokens: int,
+    *,
+    before_step: Callable[[int], None] = lambda step: None,
+    after_step: Callable[[int, float], None] = lambda step, seconds: None,
+) -> list[int]:
+    """Greedy generation through an open chain session (`peerd.client` ChainSession); the
+    hooks see each step's number (and its duration), e.g. to kill a server mid-way."""
+    gen = Generation([input_ids], greedy_params(new_tokens), vocab_size=parts.config.vocab_size)
+    steps = 0
+
+    def step(request: StepRequest) -> torch.Tensor:
+        nonlocal steps
+        before_step(steps)
+        began = time.monotonic()
+        out = session.step(embed_request(parts, request))
+        after_step(steps, time.monotonic() - began)
+        steps += 1
+        return last_logits(parts, out)
+
+    with torch.no_grad():
+        return generate_sync(gen, step)[0].token_ids
+
+
 def _short(peer_id: str) -> str:
     return "…" + peer_id[-6:]
 
@@ -79,43 +106,32 @@ def run_demo(
         by_peer = {d.peer_id: name for name, d in servers.items()}
 
         echo(f"3. Generating {new_tokens} tokens greedily after {PROMPT!r}")
-        gen = Generation(
-            [input_ids],
-            greedy_params(new_tokens),
-            tokenizer=tokenizer,
-            vocab_size=parts.config.vocab_size,
-        )
         killed = None
-        with peer.session(model_dir, gen.max_length) as session:
-            echo(
-                "   route: "
-                + "  →  ".join(f"{by_peer.get(p, p)}[{a}..{b - 1}]" for p, a, b in session.route)
-            )
-            steps = 0
+        with peer.session(model_dir, len(input_ids) + new_tokens) as session:
 
-            def step(request: StepRequest) -> torch.Tensor:
-                nonlocal steps, killed
-                if steps == kill_after:
+            def route() -> str:
+                return "  →  ".join(
+                    f"{by_peer.get(p, p)}[{a}..{b - 1}]" for p, a, b in session.route
+                )
+
+            def kill(step: int) -> None:
+                nonlocal killed
+                if step == kill_after:
                     victim = session.route[-1][0]
                     killed = by_peer[victim]
                     servers[killed].kill()
                     echo(
-                        f"\n   ✗ killed {killed} ({_short(victim)}) with SIGKILL after {steps} tokens"
+                        f"\n   ✗ killed {killed} ({_short(victim)}) with SIGKILL after {step} tokens"
                     )
-                t0 = time.monotonic()
-                out = session.step(embed_request(parts, request))
-                if steps == kill_after:
-                    echo(
-                        f"   ✓ recovered in {time.monotonic() - t0:.2f} s; route now: "
-                        + "  →  ".join(
-                            f"{by_peer.get(p, p)}[{a}..{b - 1}]" for p, a, b in session.route
-                        )
-                    )
-                steps += 1
-                return last_logits(parts, out)
 
-            with torch.no_grad():
-                generated = generate_sync(gen, step)[0].token_ids
+            def recovered(step: int, seconds: float) -> None:
+                if step == kill_after:
+                    echo(f"   ✓ recovered in {seconds:.2f} s; route now: {route()}")
+
+            echo(f"   route: {route()}")
+            generated = swarm_greedy(
+                session, parts, input_ids, new_tokens, before_step=kill, after_step=recovered
+            )
         text = tokenizer.decode(generated)
         echo(f"   swarm output:     {text!r}")
         echo(f"   single process:   {tokenizer.decode(reference)!r}")
