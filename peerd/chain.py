@@ -37,6 +37,7 @@ from peerd.hops import (
     our_fault,
 )
 from peerd.planning import ChainOptions, Planning, RttProbe, ServerSource
+from wire import ErrorCode
 
 log = logging.getLogger("peerd.chain")
 
@@ -89,7 +90,7 @@ class InferenceChain:
         self.pad_lengths = None if pads is None else [int(p) for p in pads]
         if self.pad_lengths is not None and len(self.pad_lengths) != options.batch_size:
             raise ChainError(
-                "bad_request",
+                ErrorCode.BAD_REQUEST,
                 f"{len(self.pad_lengths)} pad lengths for a batch of {options.batch_size}",
             )
 
@@ -129,13 +130,13 @@ class InferenceChain:
         batch = self.options.batch_size
         if hidden.dim() != 3 or hidden.shape[0] != batch or hidden.shape[1] < 1:
             raise ChainError(
-                "bad_request",
+                ErrorCode.BAD_REQUEST,
                 f"expected hidden states [batch={batch}, tokens, hidden], got {list(hidden.shape)}",
             )
         index = self._check_reorder(reorder)
         if self.length + hidden.shape[1] > self.options.max_length:
             raise ChainError(
-                "cache_full",
+                ErrorCode.CACHE_FULL,
                 f"session max length {self.options.max_length} exceeded: {self.length} done + "
                 f"{hidden.shape[1]} new",
             )
@@ -167,7 +168,7 @@ class InferenceChain:
         index = [int(i) for i in reorder]
         if len(index) != batch or any(not 0 <= i < batch for i in index):
             raise ChainError(
-                "bad_request",
+                ErrorCode.BAD_REQUEST,
                 f"reorder must list {batch} row indices in [0, {batch}), got {index[:16]}",
             )
         return index
@@ -257,7 +258,8 @@ class InferenceChain:
         self.failures += 1
         if self.failures > self.options.max_failures:
             raise ChainError(
-                "no_route", f"giving up after {self.failures} server failures; last: {failure}"
+                ErrorCode.NO_ROUTE,
+                f"giving up after {self.failures} server failures; last: {failure}",
             )
         self.planning.ban(failure.peer_id)
 
@@ -282,7 +284,8 @@ class InferenceChain:
         past = self.history.get(hop.start)
         if not past:
             raise ChainError(
-                "internal", f"no stored inputs for block {hop.start}: cannot rebuild its cache"
+                ErrorCode.INTERNAL,
+                f"no stored inputs for block {hop.start}: cannot rebuild its cache",
             )
         dtype = hop.limits.torch_dtype
         inputs = torch.cat([t.to(dtype) for t in past], dim=1)

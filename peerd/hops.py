@@ -25,21 +25,28 @@ import trio
 import wire
 from peerd.framed import ConnectionLost, FramedChannel
 from peerd.server.protocols import INFERENCE_PROTOCOL
+from wire import ErrorCode, WireError
 from wire.names import FLOATING_DTYPES
 from wire.sizing import SEQUENCE
 
 # Server answers that mean "this server cannot help now": route around it.
 RETRYABLE_CODES = frozenset(
-    {"busy", "cache_full", "timeout", "internal", "unknown_session", "unknown_model"}
+    {
+        ErrorCode.BUSY,
+        ErrorCode.CACHE_FULL,
+        ErrorCode.TIMEOUT,
+        ErrorCode.INTERNAL,
+        ErrorCode.UNKNOWN_SESSION,
+        ErrorCode.UNKNOWN_MODEL,
+    }
 )
 
 
-class ChainError(Exception):
-    """A chain could not do what was asked; `code` follows wire's error codes."""
+class ChainError(WireError):
+    """A chain could not do what was asked (the caller's answer, never a server's ban)."""
 
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(message)
-        self.code = code
+    def __init__(self, code: ErrorCode | str, message: str) -> None:
+        super().__init__(code, message)
 
 
 class HopFailed(Exception):
@@ -92,7 +99,7 @@ class HopLimits:
 
     def rows(self, shape: torch.Size | list[int], compression: str, **kw: Any) -> int:
         """wire.rows_per_frame for this server; a request that cannot be cut small enough is
-        a ChainError("too_large") to the caller, not the server's fault."""
+        a too_large ChainError to the caller, not the server's fault."""
         try:
             return wire.rows_per_frame(
                 list(shape),

@@ -27,6 +27,7 @@ from routing import (
     ServerRemoved,
     ServerSpan,
 )
+from wire import ErrorCode
 
 log = logging.getLogger("peerd.chain")
 
@@ -142,7 +143,7 @@ class Planning:
                 return [(h.peer_id, h.start, h.end) for h in plan().hops]
             except NoRouteError as exc:
                 if self.clock() >= deadline:
-                    raise ChainError("no_route", str(exc)) from exc
+                    raise ChainError(ErrorCode.NO_ROUTE, str(exc)) from exc
                 log.info("%s; waiting for a server to cover them", exc)
                 await trio.sleep(0.5)
                 await self.refresh()

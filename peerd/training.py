@@ -33,6 +33,7 @@ from peerd.hops import (
 )
 from peerd.planning import ChainOptions, Planning
 from peerd.server.protocols import RPC_PROTOCOL
+from wire import ErrorCode
 from wire.sizing import BATCH, INT_LIST_ITEM_BYTES, int_list_bytes, tensor_bytes
 
 log = logging.getLogger("peerd.training")
@@ -156,7 +157,8 @@ class TrainingChain:
         self.failures += 1
         if self.failures > self.options.max_failures:
             raise ChainError(
-                "no_route", f"giving up after {self.failures} server failures; last: {failure}"
+                ErrorCode.NO_ROUTE,
+                f"giving up after {self.failures} server failures; last: {failure}",
             )
         log.warning("server %s failed (%s); re-routing", failure.peer_id[:12], failure.reason)
         self.planning.ban(failure.peer_id)

@@ -30,6 +30,8 @@ class ErrorCode(str, Enum):
     TIMEOUT = "timeout"
     NO_ROUTE = "no_route"  # no chain of servers covers the model
     CLOSED = "closed"  # the connection or session is closed
+    CONNECTION_LOST = "connection_lost"  # (client side) the daemon went away mid-request
+    BAD_REPLY = "bad_reply"  # (client side) a reply of the wrong type
     INTERNAL = "internal"
 
     def __str__(self) -> str:

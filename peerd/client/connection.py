@@ -13,18 +13,20 @@ from pathlib import Path
 
 import wire
 import wire.local  # noqa: F401 - registers the local API messages
+from wire import ErrorCode, WireError
 
 DEFAULT_SOCKET = Path("~/.peerd/peerd.sock")
 DEFAULT_TIMEOUT = 300.0
 
 
-class PeerdError(Exception):
+class PeerdError(WireError):
     """An error reply from the daemon (or no daemon at all); `code` is wire's error code."""
 
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(f"{message} [{code}]")
-        self.code = code
-        self.message = message
+    def __init__(self, code: ErrorCode | str, message: str) -> None:
+        super().__init__(code, message)
+
+    def __str__(self) -> str:
+        return f"{self.message} [{self.code}]"
 
 
 def default_socket_path() -> Path:
@@ -67,7 +69,7 @@ class Connection:
         while left:
             chunk = self.sock.recv(min(left, 1 << 20))
             if not chunk:
-                raise PeerdError("connection_lost", "the daemon closed the connection")
+                raise PeerdError(ErrorCode.CONNECTION_LOST, "the daemon closed the connection")
             chunks.append(chunk)
             left -= len(chunk)
         return b"".join(chunks)
@@ -83,7 +85,7 @@ class Connection:
         self.send(message)
         reply = self.receive()
         if not isinstance(reply, expected):
-            raise PeerdError("bad_reply", f"expected {expected.TYPE}, got {reply.TYPE}")
+            raise PeerdError(ErrorCode.BAD_REPLY, f"expected {expected.TYPE}, got {reply.TYPE}")
         return reply
 
     def stream(
@@ -99,7 +101,7 @@ class Connection:
                 yield reply
                 return
             else:
-                raise PeerdError("bad_reply", f"unexpected {reply.TYPE} in a {message.TYPE} stream")
+                raise PeerdError(ErrorCode.BAD_REPLY, f"unexpected {reply.TYPE} in a {message.TYPE} stream")
 
     def close(self) -> None:
         self.sock.close()

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 import wire
 from peerd.client.connection import Connection, PeerdError
+from wire import ErrorCode
 from wire import local as api
 
 if TYPE_CHECKING:
@@ -228,7 +229,7 @@ class ChainSession:
         `reorder` (beam search): row i of every cache becomes row reorder[i] before the step.
         """
         if self.conn is None:
-            raise PeerdError("closed", "the session is not open")
+            raise PeerdError(ErrorCode.CLOSED, "the session is not open")
         compression = self._request.compression
         index = [int(i) for i in reorder] if reorder is not None else None
         try:

@@ -18,7 +18,6 @@ from typing import TYPE_CHECKING
 import trio
 
 import wire
-from peerd.chain import ChainError
 from peerd.framed import ConnectionLost, FramedChannel, TrioByteStream
 from peerd.local_api.chains import ChainFactory, ChainHandlers
 from peerd.local_api.connection import ApiConnection, Handler
@@ -117,10 +116,8 @@ class LocalAPI:
                     ErrorCode.BAD_REQUEST, f"{request.TYPE!r} is not a local API request"
                 )
             await handler(request, conn)
-        except WireError as exc:
+        except WireError as exc:  # ChainError included: the chain's answer to this request
             await conn.reply(wire.Error.from_exception(exc))
-        except ChainError as exc:
-            await conn.reply(wire.Error(exc.code, str(exc), {}))
         except ConnectionLost:
             raise
         except Exception as exc:  # noqa: BLE001 - one bad request never kills the daemon

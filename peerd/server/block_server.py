@@ -20,6 +20,7 @@ from peerd.server.limits import CacheBudget, RequestRefused, ServerLimits
 from peerd.server.protocols import INFERENCE_PROTOCOL, RPC_PROTOCOL
 from peerd.server.runner import SpanRunner
 from peerd.server.sessions import OpenSessionState, Sessions
+from wire import ErrorCode
 
 log = logging.getLogger("peerd.server")
 
@@ -70,7 +71,7 @@ class BlockServer:
                     raw = await channel.read_message()
                 if idle.cancelled_caught:
                     await self._reply_error(
-                        channel, "timeout", f"session idle for {timeout:.0f} s, closed", {}
+                        channel, ErrorCode.TIMEOUT, f"session idle for {timeout:.0f} s, closed", {}
                     )
                     return
                 try:
@@ -78,7 +79,7 @@ class BlockServer:
                     if isinstance(message, wire.OpenSession):
                         if session is not None:
                             raise RequestRefused(
-                                "bad_request", "session already open on this stream"
+                                ErrorCode.BAD_REQUEST, "session already open on this stream"
                             )
                         session = self.sessions.open_session(message)
                         reply = self.sessions.opened_reply(session)
@@ -86,7 +87,7 @@ class BlockServer:
                     elif isinstance(message, wire.Step):
                         if session is None:
                             raise RequestRefused(
-                                "unknown_session", "step before the session was opened"
+                                ErrorCode.UNKNOWN_SESSION, "step before the session was opened"
                             )
                         result = await self.sessions.step(session, message)
                         await channel.write_message(result.to_wire())
@@ -96,12 +97,10 @@ class BlockServer:
                         await channel.write_message(wire.Pong(nonce=message.nonce).to_wire())
                     else:
                         raise RequestRefused(
-                            "bad_request",
+                            ErrorCode.BAD_REQUEST,
                             f"{type(message).__name__} is not valid in an inference session",
                         )
-                except RequestRefused as exc:
-                    await self._reply_error(channel, exc.code, exc.message, exc.details)
-                except wire.WireError as exc:
+                except wire.WireError as exc:  # RequestRefused included
                     await self._reply_error(channel, exc.code, exc.message, exc.details)
         except wire.WireError as exc:  # unreadable frame: framing is lost, tell and hang up
             log.info("inference stream: bad frame (%s), closing", exc)
@@ -127,10 +126,8 @@ class BlockServer:
                     return
                 try:
                     reply = await self._answer(wire.parse_message(raw))
-                except RequestRefused as exc:
-                    reply = wire.Error(code=exc.code, message=exc.message, details=exc.details)
-                except wire.WireError as exc:
-                    reply = wire.Error(code=exc.code, message=exc.message, details=exc.details)
+                except wire.WireError as exc:  # RequestRefused included
+                    reply = wire.Error.from_exception(exc)
                 await channel.write_message(reply.to_wire())
         except wire.WireError as exc:
             try:
@@ -154,7 +151,7 @@ class BlockServer:
         if isinstance(message, wire.Backward):
             return await self.runner.backward(message)
         raise RequestRefused(
-            "bad_request", f"{type(message).__name__} is not a request this protocol serves"
+            ErrorCode.BAD_REQUEST, f"{type(message).__name__} is not a request this protocol serves"
         )
 
     def load(self) -> dict:

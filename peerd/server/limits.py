@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from wire import DEFAULT_MAX_FRAME
+from wire import DEFAULT_MAX_FRAME, ErrorCode, WireError
 
 MIB = 2**20
 
@@ -67,14 +67,11 @@ class ServerLimits:
     )
 
 
-class RequestRefused(Exception):
+class RequestRefused(WireError):
     """A request that breaks a limit or a rule; becomes a structured `Error` reply."""
 
-    def __init__(self, code: str, message: str, **details: object) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
-        self.details = dict(details)
+    def __init__(self, code: ErrorCode, message: str, **details: object) -> None:
+        super().__init__(code, message, details)
 
 
 class CacheBudget:
@@ -91,7 +88,7 @@ class CacheBudget:
     def reserve(self, tokens: int) -> None:
         if tokens > self.free:
             raise RequestRefused(
-                "cache_full",
+                ErrorCode.CACHE_FULL,
                 f"cache full: {self.free:,} tokens free, {tokens:,} asked",
                 free=self.free,
                 asked=tokens,

@@ -18,6 +18,7 @@ import wire
 from blocks import BlockRangeError, BlocksError, InputError, Span
 from peerd.server.limits import RequestRefused, ServerLimits
 from peerd.server.priority import TRAINING, ComputeQueue
+from wire import ErrorCode
 
 
 class SpanRunner:
@@ -46,7 +47,7 @@ class SpanRunner:
     def check_model(self, model_id: str) -> None:
         if model_id != self.model_id:
             raise RequestRefused(
-                "unknown_model",
+                ErrorCode.UNKNOWN_MODEL,
                 f"this server serves {self.model_id!r}, not {model_id!r}",
                 served=self.model_id,
             )
@@ -56,7 +57,7 @@ class SpanRunner:
         end = self.span.end if end is None else end
         if not (self.span.start <= start < end <= self.span.end):
             raise RequestRefused(
-                "out_of_range",
+                ErrorCode.OUT_OF_RANGE,
                 f"blocks {start}:{end} are not within this server's blocks "
                 f"{self.span.start}:{self.span.end}",
                 served=[self.span.start, self.span.end],
@@ -66,13 +67,13 @@ class SpanRunner:
     def check_tokens(self, hidden: torch.Tensor) -> None:
         if hidden.dim() != 3:
             raise RequestRefused(
-                "bad_request",
+                ErrorCode.BAD_REQUEST,
                 f"hidden states must have shape [batch, tokens, hidden], got {list(hidden.shape)}",
             )
         tokens = hidden.shape[0] * hidden.shape[1]
         if tokens > self.limits.max_tokens_per_request:
             raise RequestRefused(
-                "too_large",
+                ErrorCode.TOO_LARGE,
                 f"request has {tokens:,} tokens (batch × length), the limit is "
                 f"{self.limits.max_tokens_per_request:,}",
             )
@@ -80,7 +81,7 @@ class SpanRunner:
     def to_compute(self, tensor: torch.Tensor) -> torch.Tensor:
         if not tensor.is_floating_point():
             raise RequestRefused(
-                "bad_request", f"expected floating-point tensor, got {tensor.dtype}"
+                ErrorCode.BAD_REQUEST, f"expected floating-point tensor, got {tensor.dtype}"
             )
         return tensor.to(device=self.span.device, dtype=self.span.dtype)
 
@@ -89,12 +90,13 @@ class SpanRunner:
             result = await self.compute.run(priority, fn, wait_timeout=self.limits.step_timeout)
         except trio.TooSlowError:
             raise RequestRefused(
-                "busy", f"server busy: no compute slot within {self.limits.step_timeout:.0f} s"
+                ErrorCode.BUSY,
+                f"server busy: no compute slot within {self.limits.step_timeout:.0f} s",
             ) from None
         except BlockRangeError as exc:
-            raise RequestRefused("out_of_range", str(exc)) from exc
+            raise RequestRefused(ErrorCode.OUT_OF_RANGE, str(exc)) from exc
         except (InputError, BlocksError) as exc:
-            raise RequestRefused("bad_request", str(exc)) from exc
+            raise RequestRefused(ErrorCode.BAD_REQUEST, str(exc)) from exc
         self.requests_served += 1
         return result
 
@@ -118,7 +120,7 @@ class SpanRunner:
         self.check_tokens(message.hidden)
         if message.grad_out.shape != message.hidden.shape:
             raise RequestRefused(
-                "bad_request",
+                ErrorCode.BAD_REQUEST,
                 f"grad_out shape {list(message.grad_out.shape)} differs from hidden shape "
                 f"{list(message.hidden.shape)}",
             )

@@ -17,6 +17,7 @@ from blocks import InputError, KVCache
 from peerd.server.limits import CacheBudget, RequestRefused, budget_tokens
 from peerd.server.priority import INFERENCE
 from peerd.server.runner import SpanRunner
+from wire import ErrorCode
 
 log = logging.getLogger("peerd.server")
 
@@ -62,11 +63,13 @@ class Sessions:
         start, end = runner.check_interval(message.start, message.end)
         if len(self.open) >= limits.max_sessions:
             raise RequestRefused(
-                "busy",
+                ErrorCode.BUSY,
                 f"server busy: {len(self.open)} sessions open, the limit is {limits.max_sessions}",
             )
         if message.batch_size < 1 or message.max_length < 1:
-            raise RequestRefused("bad_request", "batch_size and max_length must be positive")
+            raise RequestRefused(
+                ErrorCode.BAD_REQUEST, "batch_size and max_length must be positive"
+            )
         tokens = message.batch_size * message.max_length
         cost = self._budget_cost(tokens, runner.span.cache_bytes_per_token(1, start, end))
         self.budget.reserve(cost)
@@ -80,7 +83,7 @@ class Sessions:
             )
         except InputError as exc:  # pad lengths out of range
             self.budget.release(cost)
-            raise RequestRefused("bad_request", str(exc)) from None
+            raise RequestRefused(ErrorCode.BAD_REQUEST, str(exc)) from None
         except BaseException:
             self.budget.release(cost)
             raise
@@ -119,7 +122,7 @@ class Sessions:
             message.end is not None and message.end != cache.end
         ):
             raise RequestRefused(
-                "out_of_range",
+                ErrorCode.OUT_OF_RANGE,
                 f"this session covers blocks {cache.start}:{cache.end}; "
                 f"open a new session for blocks {message.start}:{message.end}",
             )
@@ -127,12 +130,12 @@ class Sessions:
         runner.check_tokens(hidden)
         if hidden.shape[0] != cache.batch_size:
             raise RequestRefused(
-                "bad_request",
+                ErrorCode.BAD_REQUEST,
                 f"session batch size is {cache.batch_size}, step has {hidden.shape[0]}",
             )
         if cache.length + hidden.shape[1] > cache.max_length:
             raise RequestRefused(
-                "cache_full",
+                ErrorCode.CACHE_FULL,
                 f"session max length {cache.max_length} exceeded: {cache.length} cached + "
                 f"{hidden.shape[1]} new",
             )
@@ -141,7 +144,7 @@ class Sessions:
             len(reorder) != cache.batch_size or any(not 0 <= i < cache.batch_size for i in reorder)
         ):
             raise RequestRefused(
-                "bad_request",
+                ErrorCode.BAD_REQUEST,
                 f"reorder must list {cache.batch_size} row indices in [0, {cache.batch_size})",
             )
         inputs = runner.to_compute(hidden)
