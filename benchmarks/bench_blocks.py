@@ -1,9 +1,9 @@
 """Block benchmark: our Llama block vs transformers' LlamaDecoderLayer, same weights, same run.
 
 One Llama block (hidden 1024, 8 heads, 8 kv heads, ffn 2816, float32) saved as a checkpoint
-and loaded twice: by `blocks.Span` and by transformers. Measured, at 1 and 2 torch threads:
+and loaded twice: by `blocks.LoadedBlocks` and by transformers. Measured, at 1 and 2 torch threads:
 
-- decode: latency of one new token against 512 cached tokens (batch 1). Ours is `Span.step`
+- decode: latency of one new token against 512 cached tokens (batch 1). Ours is `LoadedBlocks.step`
   (input checks, rotary tables and the preallocated KV cache included); transformers' is its
   rotary embedding + decoder layer with a DynamicCache holding the same 512 tokens.
 - prefill: tokens/s of a 128-token forward from position 0.
@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from blocks import Span
+from blocks import LoadedBlocks
 
 HIDDEN, HEADS, KV_HEADS, FFN = 1024, 8, 8, 2816
 CACHED, PREFILL = 512, 128
@@ -58,7 +58,7 @@ def best_ms(times: list[float]) -> float:
 
 
 class Ours:
-    def __init__(self, span: Span):
+    def __init__(self, span: LoadedBlocks):
         self.span = span
         gen = torch.Generator().manual_seed(1)
         self.prefix = torch.randn(1, CACHED, HIDDEN, generator=gen).to(span.dtype)
@@ -121,7 +121,7 @@ class Reference:
 
 
 def compare_with_transformers(path: Path, reps: int) -> None:
-    ours = Ours(Span.load(path, 0, 1))
+    ours = Ours(LoadedBlocks.load(path, 0, 1))
     ref = Reference(path, ours)
     ours.decode(), ref.decode()
     diff = (ours.out - ref.out).abs().max().item()
@@ -149,7 +149,7 @@ def compare_with_transformers(path: Path, reps: int) -> None:
 
 def compare_quantization(path: Path, reps: int) -> None:
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
-    spans = {q: Span.load(path, 0, 1, quant=q) for q in ("none", "int8", "nf4")}
+    spans = {q: LoadedBlocks.load(path, 0, 1, quant=q) for q in ("none", "int8", "nf4")}
     params = sum(p.numel() for p in spans["none"].blocks.parameters())
     runners = {q: Ours(s) for q, s in spans.items()}
     for r in runners.values():

@@ -6,7 +6,7 @@ protocol, `Forward` on the RPC protocol) over long-lived framed streams. Interle
 remote call, the same compute runs here on the same weights (block 0, one torch thread each):
 
 - inference step: one token through one block against a KV cache of `context` tokens:
-  round trip over the stream vs in-process `Span.step` (ratio, and the overhead in ms);
+  round trip over the stream vs in-process `LoadedBlocks.step` (ratio, and the overhead in ms);
 - the same stream's floor: a `Ping` frame answered by the server's session loop;
 - forward: a (1, 128, hidden) float32 tensor through one block; besides the ratio, the
   per-hop transfer rate in MB/s = bytes both ways / (round trip - in-process compute);
@@ -40,7 +40,7 @@ from benchmarks.common import (
     table,
     write_json,
 )
-from blocks import Span
+from blocks import LoadedBlocks
 from peerd.config import NodeConfig
 from peerd.node import Node
 from peerd.server.block_server import INFERENCE_PROTOCOL, RPC_PROTOCOL
@@ -81,7 +81,9 @@ async def _server_record(node: Node, peer_id: str, timeout: float = 60.0):
             await trio.sleep(0.2)
 
 
-async def measure(home: Path, server: DaemonProcess, span: Span, rounds: int, seq_len: int) -> dict:
+async def measure(
+    home: Path, server: DaemonProcess, span: LoadedBlocks, rounds: int, seq_len: int
+) -> dict:
     """Everything measured from the in-process client node."""
     node = Node(
         NodeConfig(
@@ -111,7 +113,7 @@ async def measure(home: Path, server: DaemonProcess, span: Span, rounds: int, se
 
 
 async def _steps(
-    swarm: SwarmAccess, record, span: Span, rounds: int, server_pid: int
+    swarm: SwarmAccess, record, span: LoadedBlocks, rounds: int, server_pid: int
 ) -> tuple[dict, dict, float]:
     h = span.config.hidden_size
     g = torch.Generator().manual_seed(0)
@@ -189,7 +191,9 @@ async def _steps(
     return step, {"stream_ping_ms": median(pings) * 1e3}, open_s * 1e3
 
 
-async def _forwards(swarm: SwarmAccess, record, span: Span, rounds: int, seq_len: int) -> dict:
+async def _forwards(
+    swarm: SwarmAccess, record, span: LoadedBlocks, rounds: int, seq_len: int
+) -> dict:
     h = span.config.hidden_size
     x = torch.randn(1, seq_len, h, generator=torch.Generator().manual_seed(1))
     channel = await swarm.connect(record.peer_id, RPC_PROTOCOL)
@@ -220,7 +224,7 @@ def run(setup: Setup, model_dir: Path, workdir: Path, rounds: int, blocks: int =
     """Serve blocks [0, blocks) (one block for the reference figures) and measure one hop."""
     limit_threads(setup.threads)
     results: dict = {"load_before": load_average(), "blocks": blocks}
-    span = Span.load(model_dir, 0, blocks)
+    span = LoadedBlocks.load(model_dir, 0, blocks)
     with DaemonGroup(
         workdir / "hop", announce_period=setup.announce_period, threads=setup.threads
     ) as group:

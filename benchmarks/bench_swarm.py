@@ -3,10 +3,10 @@
 Four figures, each a ratio against a baseline measured in the same run:
 
 1. inference: greedy generation steps/s through the swarm ÷ local generation steps/s (the
-   whole model in this process: `Span` over every block + `ClientParts`, KV cache, same loop),
-   both for the `Peer.session` path (embeddings and head here, hidden states through the
+   whole model in this process: `LoadedBlocks` over every block + `ClientParts`, KV cache, same loop),
+   both for the `DaemonClient.session` path (embeddings and head here, hidden states through the
    socket) and the daemon-side `generate` path (token ids in, tokens streamed back);
-2. forward: tokens/s of `peer.forward` for batches 1×128 and 8×128 ÷ local `Span.forward`;
+2. forward: tokens/s of `peer.forward` for batches 1×128 and 8×128 ÷ local `LoadedBlocks.forward`;
 3. startup: seconds from launching `peerd serve` to its record being listed ONLINE, cold
    (fingerprint and throughput measured) and warm (restart with the cached ones), against the
    cost of importing torch + libp2p alone, with the time split by the daemon's log lines;
@@ -60,7 +60,7 @@ from benchmarks.common import (
     time_python,
     write_json,
 )
-from peerd.client import ChainSession, Peer
+from peerd.client import ChainSession, DaemonClient
 from peerd.generation import Generation as Engine
 from peerd.generation import embed_request, last_logits
 from wire import local as api
@@ -74,7 +74,7 @@ LIST_POLL_S = 0.25  # between listings while waiting for ONLINE (each listing lo
 
 
 def session_generate(
-    peer: Peer,
+    peer: DaemonClient,
     local: SingleProcessModel,
     model_dir: Path,
     prompt: list[int],
@@ -134,7 +134,11 @@ def session_generate(
 
 
 def daemon_generate(
-    peer: Peer, model_dir: Path, prompt: list[int], new_tokens: int, cpu: CpuMeter | None = None
+    peer: DaemonClient,
+    model_dir: Path,
+    prompt: list[int],
+    new_tokens: int,
+    cpu: CpuMeter | None = None,
 ) -> Generation:
     """Greedy generation done by the daemon (`Generate`), tokens streamed back; times from the
     request. `cpu` measures from the first token to the last (the one-token steps only)."""
@@ -183,7 +187,7 @@ class CpuMeter:
         self.used["client (this process)"] = time.process_time() - self._client
 
 
-def socket_ping_ms(peer: Peer, rounds: int = 200) -> float:
+def socket_ping_ms(peer: DaemonClient, rounds: int = 200) -> float:
     """Round trip of a tiny request through the local socket: the floor of every socket call."""
     with peer.connect() as conn:
         for _ in range(20):
@@ -439,7 +443,9 @@ def bench_startup(swarm: Swarm, setup: Setup, workdir: Path) -> dict:
         "import_daemon_modules_s": daemon_imports_s,
         "ratio_cold": med(cold)["listed_online_s"] / imports_s,
         "ratio_warm": med(warm)["listed_online_s"] / imports_s,
-        "top_imports": import_profile("import cli.main, cli.serve, peerd.daemon, peerd.server.service"),
+        "top_imports": import_profile(
+            "import cli.main, cli.serve, peerd.daemon, peerd.server.service"
+        ),
     }
 
 
@@ -756,7 +762,7 @@ def report(results: dict) -> str:
         ]
         parts.append(
             table(
-                "2. parallel forward (peer.forward vs local Span.forward; target >= 0.95)",
+                "2. parallel forward (peer.forward vs local LoadedBlocks.forward; target >= 0.95)",
                 ["batch", "local tok/s", "swarm tok/s", "ratio", "overhead ms", "max |diff|"],
                 rows,
             )

@@ -24,8 +24,8 @@ from pathlib import Path
 
 import torch
 
-from blocks import ClientParts, Span
-from peerd.client import Peer
+from blocks import ClientParts, LoadedBlocks
+from peerd.client import DaemonClient
 from peerd.demo.tiny import TinyLlama, write_tiny_llama
 from peerd.generation import Generation as Engine
 from peerd.generation import GenerationParams, LocalStep, run_sync
@@ -199,7 +199,7 @@ class SingleProcessModel:
 
     def __init__(self, model_dir: Path) -> None:
         self.parts = ClientParts.load(model_dir)
-        self.span = Span.load(model_dir, 0, self.parts.config.num_blocks)
+        self.span = LoadedBlocks.load(model_dir, 0, self.parts.config.num_blocks)
 
     def generate(self, prompt: list[int], new_tokens: int) -> Generation:
         vocab = self.parts.config.vocab_size
@@ -212,7 +212,9 @@ class SingleProcessModel:
         return Generation(gen.result()[0].token_ids, times, time.perf_counter() - began)
 
 
-def pick_prompt(local: SingleProcessModel, setup: Setup, eos: int = 2) -> tuple[list[int], list[int]]:
+def pick_prompt(
+    local: SingleProcessModel, setup: Setup, eos: int = 2
+) -> tuple[list[int], list[int]]:
     """A fixed prompt whose greedy continuation has no EOS (the daemon's generate stops there)."""
     g = torch.Generator().manual_seed(0)
     for _ in range(20):
@@ -265,9 +267,9 @@ class Swarm:
         self.group.stop_all()
 
     @property
-    def peer(self) -> Peer:
+    def peer(self) -> DaemonClient:
         assert self.boot is not None
-        return Peer(self.boot.socket)
+        return DaemonClient(self.boot.socket)
 
     def spawn_server(
         self, start: int, end: int, *, name: str | None = None, profile: bool = False

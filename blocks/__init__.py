@@ -1,6 +1,6 @@
 """Transformer blocks in plain torch that load HF-format checkpoints.
 
-A server loads a `Span` of blocks and runs `forward`, `step` (with a `KVCache`) and `backward`;
+A server loads a `LoadedBlocks` of blocks and runs `forward`, `step` (with a `KVCache`) and `backward`;
 a client loads `ClientParts` (embeddings, final norm, LM head). See DESIGN.md.
 """
 
@@ -16,7 +16,7 @@ from .errors import (
     UnsupportedArchitecture,
 )
 from .fingerprint import checkpoint_fingerprint
-from .span import Span
+from .span import LoadedBlocks
 from .throughput import measure_throughput
 
 __all__ = [
@@ -28,7 +28,7 @@ __all__ = [
     "KVCache",
     "MissingTensor",
     "ModelConfig",
-    "Span",
+    "LoadedBlocks",
     "UnsupportedArchitecture",
     "cache_bytes_per_token",
     "checkpoint_fingerprint",

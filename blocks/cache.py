@@ -4,7 +4,7 @@ It is allocated whole at creation (`max_length` tokens for `batch_size` sequence
 is known before a session starts and a server can refuse a session that would not fit instead
 of running out of memory halfway through a generation.
 
-Rows may be left-padded (`pad_lengths`, see masks.py): `Span.step` then hides each row's pads
+Rows may be left-padded (`pad_lengths`, see masks.py): `LoadedBlocks.step` then hides each row's pads
 and runs its real tokens at their own positions. `reorder` permutes or duplicates rows, which is
 what beam search needs when hypotheses are re-ranked.
 """
@@ -32,7 +32,7 @@ def cache_bytes_per_token(
 class KVCache:
     """Keys and values, one [batch, kv_heads, max_length, head_dim] tensor pair per block.
 
-    `length` counts the positions already filled; `Span.step` appends and advances it.
+    `length` counts the positions already filled; `LoadedBlocks.step` appends and advances it.
     `pad_lengths` (None or one int per row): the first pad_lengths[b] positions of row b are
     left padding, never attended to.
     """

@@ -1,6 +1,6 @@
 """A span: the contiguous blocks [start, end) of one model that a server holds.
 
-`Span.load` reads only those blocks' tensors from an HF checkpoint. Three ways to run them:
+`LoadedBlocks.load` reads only those blocks' tensors from an HF checkpoint. Three ways to run them:
 `forward` (whole sequences from position 0, no grad), `step` (new tokens appended to a KVCache,
 for generation) and `backward` (gradients w.r.t. the inputs and the deep prompts, for clients
 that fine-tune; the weights themselves never get gradients and are never modified).
@@ -57,7 +57,7 @@ def check_block_range(config: ModelConfig, start: int, end: int) -> tuple[int, i
     return s, e
 
 
-class Span:
+class LoadedBlocks:
     """Blocks [start, end) of one model, loaded on one device in one dtype and quantization."""
 
     def __init__(
@@ -88,7 +88,7 @@ class Span:
         quant: str = "none",
         device: torch.device | str = "cpu",
         progress: Callable[[int], None] | None = None,
-    ) -> Span:
+    ) -> LoadedBlocks:
         """Load blocks [start, end) of the checkpoint at `path`, reading only their tensors
         (the checkpoint's fingerprint, `checkpoint_fingerprint`, still reads every shard once).
 
@@ -113,7 +113,7 @@ class Span:
 
     def __repr__(self) -> str:
         return (
-            f"Span({self.config.model_type}, blocks [{self.start}, {self.end}), {self.dtype}, "
+            f"LoadedBlocks({self.config.model_type}, blocks [{self.start}, {self.end}), {self.dtype}, "
             f"quant={self.quant}, {self.device})"
         )
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from .span import Span
+from .span import LoadedBlocks
 
 VERSION = 1
 PREFILL = 64  # tokens cached before timing inference steps
@@ -41,7 +41,7 @@ def device_name(device: torch.device) -> str:
 
 
 def measure_throughput(
-    span: Span, cache_dir: str | Path, model_key: str, *, force: bool = False
+    span: LoadedBlocks, cache_dir: str | Path, model_key: str, *, force: bool = False
 ) -> dict:
     """{"inference_steps_per_s", "forward_tokens_per_s"} of the whole span, plus per-block figures
     and the key they were cached under. Measured (about a second) only if not cached or `force`."""
@@ -92,7 +92,7 @@ def _timed(fn, device: torch.device) -> float:
     return time.perf_counter() - t0
 
 
-def _measure_block(span: Span) -> dict:
+def _measure_block(span: LoadedBlocks) -> dict:
     start, end = span.start, span.start + 1
     h, dtype, device = span.config.hidden_size, span.dtype, span.device
     gen = torch.Generator().manual_seed(0)

@@ -35,7 +35,7 @@ def bench(
     model: Path, blocks: str, dtype: str, quant: str, device: str, home: Path, force: bool
 ) -> None:
     """Measure inference steps/s and forward tokens/s per block of MODEL on this machine."""
-    from blocks import BlocksError, Span, checkpoint_fingerprint, measure_throughput
+    from blocks import BlocksError, LoadedBlocks, checkpoint_fingerprint, measure_throughput
 
     try:
         start, end = (int(x) for x in blocks.split(":"))
@@ -43,7 +43,7 @@ def bench(
         raise click.BadParameter("expected A:B", param_hint="--blocks") from None
     cache = home.expanduser() / "cache"
     try:
-        span = Span.load(model, start, end, dtype=dtype, quant=quant, device=device)
+        span = LoadedBlocks.load(model, start, end, dtype=dtype, quant=quant, device=device)
         key = f"{model.resolve().name}@{checkpoint_fingerprint(model, cache)}"
         figures = measure_throughput(span, cache, key, force=force)
     except BlocksError as exc:

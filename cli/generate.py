@@ -16,24 +16,25 @@ import click
 @click.argument("prompt")
 @click.option("--max-new-tokens", type=click.IntRange(min=1), default=32, show_default=True)
 @click.option(
-    "--temperature", type=click.FloatRange(min=0), default=0.0, show_default=True, help="0: greedy."
+    "--do-sample/--greedy",
+    default=None,
+    help="Sample, or decode greedily (default: the checkpoint's generation_config.json, else greedy).",
 )
-@click.option("--top-k", type=click.IntRange(min=0), default=0, show_default=True)
 @click.option(
-    "--top-p", type=click.FloatRange(min=0, max=1, min_open=True), default=1.0, show_default=True
+    "--temperature",
+    type=click.FloatRange(min=0),
+    default=None,
+    help="Sampling temperature; without --do-sample/--greedy, > 0 samples and 0 is greedy.",
 )
+@click.option("--top-k", type=click.IntRange(min=0), default=None, help="0: no top-k cut.")
+@click.option("--top-p", type=click.FloatRange(min=0, max=1, min_open=True), default=None)
 @click.option(
     "--min-p",
     type=click.FloatRange(min=0, max=1),
     default=None,
     help="Drop tokens less likely than this times the most likely one (when sampling).",
 )
-@click.option(
-    "--repetition-penalty",
-    type=click.FloatRange(min=0, min_open=True),
-    default=1.0,
-    show_default=True,
-)
+@click.option("--repetition-penalty", type=click.FloatRange(min=0, min_open=True), default=None)
 @click.option(
     "--stop",
     multiple=True,
@@ -49,13 +50,13 @@ import click
 )
 def generate(model: str, prompt: str, socket_path: Path | None, **opts) -> None:
     """Generate text after PROMPT with the swarm, printing tokens as they arrive."""
-    from peerd.client import Peer, PeerdError
+    from peerd.client import DaemonClient, PeerdError
 
     model_path = Path(model).expanduser()
     if model_path.exists():
         model = str(model_path.resolve())
     try:
-        for piece in Peer(socket_path).generate(
+        for piece in DaemonClient(socket_path).generate(
             model, prompt, stream=True, stop=opts.pop("stop"), **opts
         ):
             click.echo(piece, nl=False)

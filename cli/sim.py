@@ -27,9 +27,7 @@ def sim() -> None:
 
     missing = [m for m in ("simpy", "matplotlib") if importlib.util.find_spec(m) is None]
     if missing:
-        raise click.UsageError(
-            f"peerd sim needs {' and '.join(missing)}: pip install 'peerd[sim]'"
-        )
+        raise click.UsageError(f"peerd sim needs {' and '.join(missing)}: pip install 'peerd[sim]'")
 
 
 @sim.command()

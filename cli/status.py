@@ -46,10 +46,10 @@ def format_status(models: dict) -> str:
 )
 def status(socket_path: Path | None) -> None:
     """Print the models in the swarm, their block coverage and their servers."""
-    from peerd.client import Peer, PeerdError
+    from peerd.client import DaemonClient, PeerdError
 
     try:
-        models = Peer(socket_path).models()
+        models = DaemonClient(socket_path).models()
     except PeerdError as exc:
         raise click.ClickException(str(exc)) from None
     click.echo(format_status(models))

@@ -17,7 +17,7 @@ import trio
 import trio.testing
 
 import wire
-from blocks import Span
+from blocks import LoadedBlocks
 from peerd.chain import ChainOptions, InferenceChain, Planning
 from peerd.framed import ConnectionLost, FramedChannel, TrioByteStream
 from peerd.server.block_server import BlockServer
@@ -108,7 +108,7 @@ class Swarm:
         for name, (a, b) in intervals.items():
             lim = limits.get(name, ServerLimits()) if isinstance(limits, dict) else limits
             dtype = (dtypes or {}).get(name, torch.float32)
-            span = Span.load(model_dir, a, b, dtype=dtype)
+            span = LoadedBlocks.load(model_dir, a, b, dtype=dtype)
             server = BlockServer(span, MODEL_ID, lim or ServerLimits())
             self.peers[name] = FakePeer(
                 name, server, throughput=(throughputs or {}).get(name, 100.0)

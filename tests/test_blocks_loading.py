@@ -20,8 +20,8 @@ from blocks import (
     CheckpointError,
     ClientParts,
     InputError,
+    LoadedBlocks,
     MissingTensor,
-    Span,
     UnsupportedArchitecture,
     load_config,
 )
@@ -83,7 +83,7 @@ def _block_names(path: Path, index: int) -> set[str]:
 def test_single_file_span_reads_only_its_blocks(single, monkeypatch):
     recorder = Recorder()
     monkeypatch.setattr(blocks.checkpoint, "safe_open", recorder)
-    Span.load(single, 1, 3)
+    LoadedBlocks.load(single, 1, 3)
     assert set(recorder.files) == {"model.safetensors"}
     assert set(recorder.tensors) == _block_names(single, 1) | _block_names(single, 2)
     assert len(recorder.tensors) == len(set(recorder.tensors))  # each read once
@@ -95,7 +95,7 @@ def test_sharded_span_opens_only_its_shards(sharded, monkeypatch):
     needed = {weight_map[n] for n in _block_names(sharded, 2)}
     recorder = Recorder()
     monkeypatch.setattr(blocks.checkpoint, "safe_open", recorder)
-    Span.load(sharded, 2, 3)
+    LoadedBlocks.load(sharded, 2, 3)
     assert set(recorder.files) == needed
     assert set(recorder.tensors) == _block_names(sharded, 2)
 
@@ -111,10 +111,10 @@ def test_sharded_span_loads_without_the_other_shards(sharded, tmp_path):
     for name in removed:
         (part / name).unlink()
     x = torch.randn(1, 7, 64)
-    out = Span.load(part, 2, 3).forward(x)
-    assert torch.equal(out, Span.load(sharded, 2, 3).forward(x))
+    out = LoadedBlocks.load(part, 2, 3).forward(x)
+    assert torch.equal(out, LoadedBlocks.load(sharded, 2, 3).forward(x))
     with pytest.raises(CheckpointError, match="missing"):
-        Span.load(part, 0, 1)
+        LoadedBlocks.load(part, 0, 1)
 
 
 def test_client_parts_read_no_block_tensors(single, monkeypatch):
@@ -130,7 +130,9 @@ def test_client_parts_read_no_block_tensors(single, monkeypatch):
 
 def test_sharded_and_single_file_give_identical_spans(single, sharded):
     x = torch.randn(2, 5, 64)
-    assert torch.equal(Span.load(single, 0, 4).forward(x), Span.load(sharded, 0, 4).forward(x))
+    assert torch.equal(
+        LoadedBlocks.load(single, 0, 4).forward(x), LoadedBlocks.load(sharded, 0, 4).forward(x)
+    )
 
 
 def test_old_style_rope_scaling_config(tmp_path):
@@ -148,7 +150,7 @@ def test_old_style_rope_scaling_config(tmp_path):
     x = torch.randn(1, 9, 64)
     with torch.no_grad():
         expected = reference_blocks(load_reference(new), x, 0, 2)
-    out = Span.load(old, 0, 2).forward(x)
+    out = LoadedBlocks.load(old, 0, 2).forward(x)
     assert (out - expected).abs().max() <= 1e-4 * expected.abs().max()
 
 
@@ -163,7 +165,9 @@ def test_bloom_checkpoint_without_transformer_prefix(tmp_path):
         {k.removeprefix("transformer."): v for k, v in tensors.items()}, bare / "model.safetensors"
     )
     x = torch.randn(1, 5, load_config(path).hidden_size)
-    assert torch.equal(Span.load(bare, 0, 2).forward(x), Span.load(path, 0, 2).forward(x))
+    assert torch.equal(
+        LoadedBlocks.load(bare, 0, 2).forward(x), LoadedBlocks.load(path, 0, 2).forward(x)
+    )
     ids = torch.tensor([[5, 6, 7]])
     assert torch.equal(ClientParts.load(bare).embed(ids), ClientParts.load(path).embed(ids))
 
@@ -179,8 +183,8 @@ def test_missing_tensor_is_reported_only_when_needed(single, tmp_path):
     del tensors["model.layers.2.mlp.up_proj.weight"]
     save_file(tensors, broken / "model.safetensors")
     with pytest.raises(MissingTensor, match=r"model\.layers\.2\.mlp\.up_proj\.weight"):
-        Span.load(broken, 1, 3)
-    Span.load(broken, 0, 2)  # blocks that do not need it load fine
+        LoadedBlocks.load(broken, 1, 3)
+    LoadedBlocks.load(broken, 0, 2)  # blocks that do not need it load fine
 
 
 def test_missing_lm_head_of_untied_model(single, tmp_path):
@@ -202,23 +206,23 @@ def test_wrong_tensor_shape(single, tmp_path):
     tensors["model.layers.0.mlp.up_proj.weight"] = torch.zeros(3, 3)
     save_file(tensors, broken / "model.safetensors")
     with pytest.raises(CheckpointError, match="shape"):
-        Span.load(broken, 0, 1)
+        LoadedBlocks.load(broken, 0, 1)
 
 
 def test_checkpoint_errors(single, tmp_path):
     with pytest.raises(CheckpointError, match="config.json"):
-        Span.load(tmp_path / "nowhere", 0, 1)
+        LoadedBlocks.load(tmp_path / "nowhere", 0, 1)
     empty = tmp_path / "empty"
     empty.mkdir()
     shutil.copy(single / "config.json", empty / "config.json")
     with pytest.raises(CheckpointError, match="safetensors"):
-        Span.load(empty, 0, 1)
+        LoadedBlocks.load(empty, 0, 1)
     corrupt = tmp_path / "corrupt"
     corrupt.mkdir()
     shutil.copy(single / "config.json", corrupt / "config.json")
     (corrupt / "model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00not a header")
     with pytest.raises(CheckpointError):
-        Span.load(corrupt, 0, 1)
+        LoadedBlocks.load(corrupt, 0, 1)
 
 
 def _config_variant(single: Path, tmp_path: Path, **changes) -> Path:
@@ -242,7 +246,7 @@ def _config_variant(single: Path, tmp_path: Path, **changes) -> Path:
 def test_unsupported_architecture(single, tmp_path, changes, pattern):
     path = _config_variant(single, tmp_path, **changes)
     with pytest.raises(UnsupportedArchitecture, match=pattern):
-        Span.load(path, 0, 1)
+        LoadedBlocks.load(path, 0, 1)
     with pytest.raises(UnsupportedArchitecture):
         ClientParts.load(path)
 
@@ -250,11 +254,11 @@ def test_unsupported_architecture(single, tmp_path, changes, pattern):
 @pytest.mark.parametrize("start, end", [(3, 9), (-1, 2), (2, 2), (3, 1), (4, 5), (1.0, 3)])
 def test_block_range_outside_the_model(single, start, end):
     with pytest.raises(BlockRangeError, match=r"\[0, 4\)"):
-        Span.load(single, start, end)
+        LoadedBlocks.load(single, start, end)
 
 
 def test_sub_interval_outside_the_span(single):
-    span = Span.load(single, 1, 3)
+    span = LoadedBlocks.load(single, 1, 3)
     x = torch.randn(1, 4, 64)
     for start, end in [(0, 2), (1, 4), (2, 2), (0, 1)]:
         with pytest.raises(BlockRangeError, match=r"\[1, 3\)"):
@@ -265,13 +269,13 @@ def test_sub_interval_outside_the_span(single):
             span.new_cache(1, 8, start, end)
         with pytest.raises(BlockRangeError):
             span.cache_bytes_per_token(1, start, end)
-    other = Span.load(single, 0, 4).new_cache(1, 8)  # a cache over blocks this span lacks
+    other = LoadedBlocks.load(single, 0, 4).new_cache(1, 8)  # a cache over blocks this span lacks
     with pytest.raises(BlockRangeError):
         span.step(x, other)
 
 
 def test_input_errors_name_expected_and_got(single):
-    span = Span.load(single, 0, 2)
+    span = LoadedBlocks.load(single, 0, 2)
     good = torch.randn(2, 4, 64)
     cases = [
         (torch.randn(4, 64), r"\[batch, tokens, 64\].*\(4, 64\)"),
@@ -301,7 +305,7 @@ def test_input_errors_name_expected_and_got(single):
 
 
 def test_step_errors_leave_the_cache_unchanged(single):
-    span = Span.load(single, 0, 2)
+    span = LoadedBlocks.load(single, 0, 2)
     cache = span.new_cache(2, 6)
     span.step(torch.randn(2, 4, 64), cache)
     with pytest.raises(InputError, match="max_length 6"):
@@ -323,10 +327,10 @@ def test_step_errors_leave_the_cache_unchanged(single):
 
 def test_load_option_errors(single):
     with pytest.raises(InputError, match="int4"):
-        Span.load(single, 0, 1, quant="int4")
+        LoadedBlocks.load(single, 0, 1, quant="int4")
     with pytest.raises(InputError, match="float64"):
-        Span.load(single, 0, 1, dtype=torch.float64)
-    span = Span.load(single, 0, 1, dtype="bfloat16")
+        LoadedBlocks.load(single, 0, 1, dtype=torch.float64)
+    span = LoadedBlocks.load(single, 0, 1, dtype="bfloat16")
     assert span.dtype == torch.bfloat16
 
 

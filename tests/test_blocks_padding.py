@@ -13,7 +13,7 @@ import pytest
 import torch
 from tiny_models import ARCH_IDS, ARCHS, load_reference, make_tiny_model, reference_layers
 
-from blocks import ClientParts, Span
+from blocks import ClientParts, LoadedBlocks
 
 TOL = 1e-4
 NUM_LAYERS = 4
@@ -37,7 +37,7 @@ def arch(request, tmp_path_factory):
     path = make_tiny_model(tmp_path_factory.mktemp("m"), family, variant, num_layers=NUM_LAYERS)
     ref = load_reference(path)
     ref.requires_grad_(False)
-    return ref, Span.load(path, 0, NUM_LAYERS), ClientParts.load(path)
+    return ref, LoadedBlocks.load(path, 0, NUM_LAYERS), ClientParts.load(path)
 
 
 def assert_close_scaled(ours: torch.Tensor, ref: torch.Tensor, tol: float = TOL) -> None:
@@ -59,7 +59,7 @@ def attention_mask(pads, length: int) -> torch.Tensor:
     return mask
 
 
-def reference_kwargs(span: Span, mask: torch.Tensor) -> dict:
+def reference_kwargs(span: LoadedBlocks, mask: torch.Tensor) -> dict:
     """transformers' inputs for a left-padded batch: the mask, and for rotary models the
     position_ids `generate` derives from it (without them it would rotate by absolute index)."""
     kwargs = {"attention_mask": mask}
@@ -68,7 +68,7 @@ def reference_kwargs(span: Span, mask: torch.Tensor) -> dict:
     return kwargs
 
 
-def reference_padded(ref, span: Span, hidden: torch.Tensor, pads, start: int, end: int):
+def reference_padded(ref, span: LoadedBlocks, hidden: torch.Tensor, pads, start: int, end: int):
     """transformers' layers [start, end) on `hidden` with the batch's attention mask (hooks feed
     layer `start` and record layer `end - 1`, as tiny_models.reference_blocks)."""
     layers, captured = reference_layers(ref), []
@@ -96,7 +96,7 @@ def reference_padded(ref, span: Span, hidden: torch.Tensor, pads, start: int, en
     return captured[0]
 
 
-def hidden_states(span: Span, length: int = max(LENGTHS), batch: int = 3, seed: int = 0):
+def hidden_states(span: LoadedBlocks, length: int = max(LENGTHS), batch: int = 3, seed: int = 0):
     gen = torch.Generator().manual_seed(seed)
     return torch.randn(batch, length, span.config.hidden_size, generator=gen)
 

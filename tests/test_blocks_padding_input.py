@@ -9,7 +9,7 @@ import pytest
 import torch
 from tiny_models import make_tiny_model
 
-from blocks import ClientParts, InputError, Span
+from blocks import ClientParts, InputError, LoadedBlocks
 
 PADS = (0, 5, 2)
 
@@ -41,7 +41,7 @@ BAD_PADS = [
 def small(tmp_path_factory):
     """OPT, the family whose client embed uses pad_lengths."""
     path = make_tiny_model(tmp_path_factory.mktemp("bad"), "opt", num_layers=2)
-    return Span.load(path, 0, 2), ClientParts.load(path)
+    return LoadedBlocks.load(path, 0, 2), ClientParts.load(path)
 
 
 @pytest.mark.parametrize("bad", BAD_PADS, ids=repr)
@@ -101,7 +101,7 @@ def test_low_precision_padded_rows_stay_finite(tmp_path):
     for family in ("llama", "bloom"):
         path = make_tiny_model(tmp_path / family, family, num_layers=2)
         for dtype in (torch.bfloat16, torch.float16):
-            span = Span.load(path, 0, 2, dtype=dtype)
+            span = LoadedBlocks.load(path, 0, 2, dtype=dtype)
             x = torch.randn(3, 11, span.config.hidden_size).to(dtype)
             assert torch.isfinite(span.forward(x, pad_lengths=PADS)).all()
             cache = span.new_cache(3, 12, pad_lengths=PADS)

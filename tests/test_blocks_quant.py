@@ -13,7 +13,7 @@ import pytest
 import torch
 from tiny_models import make_tiny_model
 
-from blocks import Span
+from blocks import LoadedBlocks
 
 TOLERANCE = {"int8": 0.05, "nf4": 0.45}
 FAMILIES = [("llama", "llama3"), ("bloom", None), ("opt", None)]
@@ -31,7 +31,7 @@ def one_thread():
 def model(request, tmp_path_factory):
     family, variant = request.param
     path = make_tiny_model(tmp_path_factory.mktemp("q"), family, variant, num_layers=4)
-    return path, Span.load(path, 0, 4)
+    return path, LoadedBlocks.load(path, 0, 4)
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -41,7 +41,7 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
 @pytest.mark.parametrize("quant", ["int8", "nf4"])
 def test_quantized_span_stays_close_to_float(model, quant):
     path, span = model
-    q = Span.load(path, 0, 4, quant=quant)
+    q = LoadedBlocks.load(path, 0, 4, quant=quant)
     assert q.quant == quant
     x = torch.randn(2, 9, span.config.hidden_size, generator=torch.Generator().manual_seed(0))
     full, out = span.forward(x), q.forward(x)
@@ -62,7 +62,7 @@ def test_quantized_span_stays_close_to_float(model, quant):
 @pytest.mark.parametrize("quant, max_ratio", [("int8", 0.35), ("nf4", 0.25)])
 def test_quantized_span_is_smaller(model, quant, max_ratio):
     path, span = model
-    q = Span.load(path, 0, 4, quant=quant)
+    q = LoadedBlocks.load(path, 0, 4, quant=quant)
     assert q.nbytes < max_ratio * span.nbytes
 
 
@@ -70,7 +70,7 @@ def test_only_linear_layers_are_quantized(model):
     import bitsandbytes as bnb
 
     path, _ = model
-    q = Span.load(path, 0, 1, quant="nf4")
+    q = LoadedBlocks.load(path, 0, 1, quant="nf4")
     kinds = {type(m) for m in q.blocks.modules()}
     assert bnb.nn.Linear4bit in kinds
     assert torch.nn.Linear not in kinds
@@ -85,8 +85,8 @@ def test_nf4_equals_float_with_dequantized_weights(model):
     import bitsandbytes.functional as bf
 
     path, _ = model
-    q = Span.load(path, 0, 4, quant="nf4")
-    f = Span.load(path, 0, 4)
+    q = LoadedBlocks.load(path, 0, 4, quant="nf4")
+    f = LoadedBlocks.load(path, 0, 4)
     qmods = dict(q.blocks.named_modules())
     with torch.no_grad():
         for name, module in f.blocks.named_modules():
@@ -103,7 +103,7 @@ def test_quantized_bfloat16(model):
     path, span = model
     x = torch.randn(1, 5, span.config.hidden_size)
     for quant in ("int8", "nf4"):
-        q = Span.load(path, 0, 4, quant=quant, dtype=torch.bfloat16)
+        q = LoadedBlocks.load(path, 0, 4, quant=quant, dtype=torch.bfloat16)
         out = q.forward(x.bfloat16())
         assert out.dtype == torch.bfloat16
         assert rel(out, span.forward(x)) < TOLERANCE[quant] + 0.05

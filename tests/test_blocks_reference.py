@@ -11,7 +11,7 @@ import pytest
 import torch
 from tiny_models import ARCH_IDS, ARCHS, load_reference, make_tiny_model, reference_blocks
 
-from blocks import ClientParts, Span
+from blocks import ClientParts, LoadedBlocks
 
 TOL = 1e-4
 NUM_LAYERS = 4
@@ -39,11 +39,11 @@ def arch(request, tmp_path_factory):
     path = make_tiny_model(tmp_path_factory.mktemp("m"), family, variant, num_layers=NUM_LAYERS)
     ref = load_reference(path)
     ref.requires_grad_(False)
-    span = Span.load(path, 0, NUM_LAYERS)
+    span = LoadedBlocks.load(path, 0, NUM_LAYERS)
     return path, ref, span
 
 
-def _hidden(span: Span, batch: int = 2, length: int = 13, seed: int = 0) -> torch.Tensor:
+def _hidden(span: LoadedBlocks, batch: int = 2, length: int = 13, seed: int = 0) -> torch.Tensor:
     gen = torch.Generator().manual_seed(seed)
     return torch.randn(batch, length, span.config.hidden_size, generator=gen)
 
@@ -160,7 +160,7 @@ def test_bfloat16_and_float16_stay_close_to_float32(arch):
     x = _hidden(span)
     full = span.forward(x)
     for dtype in (torch.bfloat16, torch.float16):
-        low = Span.load(path, 0, NUM_LAYERS, dtype=dtype)
+        low = LoadedBlocks.load(path, 0, NUM_LAYERS, dtype=dtype)
         out = low.forward(x.to(dtype))
         assert out.dtype == dtype
         rel = ((out.float() - full).norm() / full.norm()).item()
@@ -171,7 +171,7 @@ def test_sliding_window_is_applied(tmp_path):
     """Mistral's window (8 here) hides old keys: outputs past it differ from a windowless model."""
     path = make_tiny_model(tmp_path / "w", "mistral", num_layers=2)
     no_window = make_tiny_model(tmp_path / "nw", "mistral", num_layers=2, sliding_window=None)
-    span, plain = Span.load(path, 0, 2), Span.load(no_window, 0, 2)
+    span, plain = LoadedBlocks.load(path, 0, 2), LoadedBlocks.load(no_window, 0, 2)
     x = torch.randn(1, 12, span.config.hidden_size)
     a, b = span.forward(x), plain.forward(x)
     assert torch.allclose(a[:, :8], b[:, :8], atol=1e-5)
@@ -181,7 +181,7 @@ def test_sliding_window_is_applied(tmp_path):
 def test_linear_rope_scaling_matches_transformers(tmp_path):
     rope = {"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0}
     path = make_tiny_model(tmp_path / "lin", "llama", num_layers=2, rope_parameters=rope)
-    span = Span.load(path, 0, 2)
+    span = LoadedBlocks.load(path, 0, 2)
     assert span.config.rope.type == "linear"
     x = _hidden(span)
     with torch.no_grad():

@@ -13,7 +13,7 @@ from tiny_models import make_tiny_model
 
 import blocks.fingerprint
 import blocks.throughput
-from blocks import Span, checkpoint_fingerprint, measure_throughput
+from blocks import LoadedBlocks, checkpoint_fingerprint, measure_throughput
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -34,7 +34,7 @@ def llama3(tmp_path_factory):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_cache_bytes_are_known_up_front_and_exact(llama3, dtype):
-    span = Span.load(llama3, 1, 4, dtype=dtype)
+    span = LoadedBlocks.load(llama3, 1, 4, dtype=dtype)
     cfg = span.config
     assert cfg.num_kv_heads == 2 and cfg.head_dim == 16  # grouped-query attention
     per_token = 2 * cfg.num_kv_heads * cfg.head_dim * dtype.itemsize  # keys + values, one block
@@ -54,7 +54,7 @@ def test_cache_bytes_are_known_up_front_and_exact(llama3, dtype):
 
 def test_bloom_and_opt_cache_all_heads(tmp_path):
     for family in ("bloom", "opt"):
-        span = Span.load(make_tiny_model(tmp_path / family, family, num_layers=2), 0, 2)
+        span = LoadedBlocks.load(make_tiny_model(tmp_path / family, family, num_layers=2), 0, 2)
         cfg = span.config
         assert cfg.num_kv_heads == cfg.num_heads
         assert span.cache_bytes_per_token() == 2 * 2 * cfg.hidden_size * 4
@@ -65,7 +65,7 @@ def test_bloom_and_opt_cache_all_heads(tmp_path):
 
 def test_throughput_is_measured_once_and_cached(llama3, tmp_path, monkeypatch):
     monkeypatch.setattr(blocks.throughput, "BUDGET_S", 0.02)
-    span = Span.load(llama3, 0, 2)
+    span = LoadedBlocks.load(llama3, 0, 2)
     first = measure_throughput(span, tmp_path, "tiny-llama3")
     assert first["inference_steps_per_s"] > 0 and first["forward_tokens_per_s"] > 0
     assert first["cached"] is False
@@ -79,7 +79,7 @@ def test_throughput_is_measured_once_and_cached(llama3, tmp_path, monkeypatch):
 
     monkeypatch.setattr(blocks.throughput, "_measure_block", no_measuring)
     # a span of 4 blocks of the same model reuses the per-block figures
-    again = measure_throughput(Span.load(llama3, 0, 4), tmp_path, "tiny-llama3")
+    again = measure_throughput(LoadedBlocks.load(llama3, 0, 4), tmp_path, "tiny-llama3")
     assert again["cached"] is True
     assert again["block_forward_tokens_per_s"] == first["block_forward_tokens_per_s"]
     assert again["forward_tokens_per_s"] == pytest.approx(first["forward_tokens_per_s"] / 2)
@@ -88,7 +88,7 @@ def test_throughput_is_measured_once_and_cached(llama3, tmp_path, monkeypatch):
         with pytest.raises(AssertionError, match="measured again"):
             measure_throughput(span, tmp_path, **{"model_key": "tiny-llama3", **kwargs})
     with pytest.raises(AssertionError, match="measured again"):
-        measure_throughput(Span.load(llama3, 0, 1, quant="int8"), tmp_path, "tiny-llama3")
+        measure_throughput(LoadedBlocks.load(llama3, 0, 1, quant="int8"), tmp_path, "tiny-llama3")
 
 
 # -- fingerprint ---------------------------------------------------------------------------------

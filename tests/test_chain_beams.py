@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from blocks import Span
+from blocks import LoadedBlocks
 from peerd.chain import ChainError
 from tests.chain_harness import has_reorder, nth_step, run_swarm
 from tests.tiny_models import make_tiny_model
@@ -30,7 +30,7 @@ def model_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def reference_span(model_dir):
-    return Span.load(model_dir, 0, NUM_BLOCKS)
+    return LoadedBlocks.load(model_dir, 0, NUM_BLOCKS)
 
 
 # (new tokens, reorder before the step or None)

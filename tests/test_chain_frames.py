@@ -12,9 +12,9 @@ import pytest
 import torch
 
 import wire
-from blocks import Span
+from blocks import LoadedBlocks
 from peerd.chain import ChainError
-from peerd.client.peer import ChainSession
+from peerd.client.daemon_client import ChainSession
 from peerd.server.limits import ServerLimits
 from tests.chain_harness import nth_step, run_swarm
 from tests.tiny_models import make_tiny_model
@@ -40,7 +40,7 @@ def model_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def reference_span(model_dir):
-    return Span.load(model_dir, 0, NUM_BLOCKS)
+    return LoadedBlocks.load(model_dir, 0, NUM_BLOCKS)
 
 
 def generate(model_dir, inputs, *, crash=None, **swarm_kw):

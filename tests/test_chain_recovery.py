@@ -13,7 +13,7 @@ import pytest
 import torch
 import trio
 
-from blocks import Span
+from blocks import LoadedBlocks
 from peerd.chain import ChainError
 from tests.chain_harness import Swarm, is_replay, nth_step
 from tests.tiny_models import make_tiny_model
@@ -30,7 +30,7 @@ def model_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def reference_span(model_dir):
-    return Span.load(model_dir, 0, NUM_BLOCKS)
+    return LoadedBlocks.load(model_dir, 0, NUM_BLOCKS)
 
 
 def run_steps(

@@ -83,13 +83,13 @@ def test_status_table_shows_coverage_and_gaps():
 
 def test_demo_checkpoint_loads_in_transformers(tmp_path):
     """The demo writes HF files by hand; transformers must read them as the same model."""
-    from blocks import ClientParts, Span
+    from blocks import ClientParts, LoadedBlocks
 
     path = write_tiny_llama(tmp_path / "demo", TinyLlama(num_layers=3))
     ids = torch.tensor([[4, 8, 15, 16, 23, 42]])
     reference = load_reference(path)(ids).logits
     parts = ClientParts.load(path)
-    ours = parts.logits(Span.load(path, 0, 3).forward(parts.embed(ids)))
+    ours = parts.logits(LoadedBlocks.load(path, 0, 3).forward(parts.embed(ids)))
     torch.testing.assert_close(ours, reference, atol=1e-5, rtol=1e-4)
 
 

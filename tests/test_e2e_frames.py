@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from blocks import ClientParts
-from peerd.client import Peer
+from peerd.client import DaemonClient
 from tests.tiny_models import load_reference, make_tiny_model
 from wire.local import Generate
 
@@ -45,7 +45,7 @@ def swarm(tmp_path_factory):
         servers = group.start_servers(
             model_dir, {"s1": f"0:{NUM_BLOCKS}", "s2": f"0:{NUM_BLOCKS}"}, boot, *frame
         )
-        peer = Peer(boot.socket, timeout=120)
+        peer = DaemonClient(boot.socket, timeout=120)
         wait_until_listed(peer, len(servers))
         yield {"model": model_dir, "servers": servers, "peer": peer}
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from blocks import ClientParts
-from peerd.client import AutoDistributedModelForCausalLM, Peer
+from peerd.client import AutoDistributedModelForCausalLM, DaemonClient
 from peerd.demo.run import swarm_greedy
 from tests.launcher import HarnessGroup, wait_until_listed
 from tests.tiny_models import load_reference, make_tiny_model
@@ -31,12 +31,12 @@ def swarm(tmp_path_factory):
     with HarnessGroup(root / "homes", announce_period=5.0) as group:
         boot = group.start("boot", "--new-swarm")
         group.start_servers(model, {"a": "0:2", "b": "2:4"}, boot)
-        client = Peer(boot.socket, timeout=120)
+        client = DaemonClient(boot.socket, timeout=120)
         wait_until_listed(client, 2)
         yield {"root": root, "model": model, "client": client}
 
 
-def daemon_generate(client: Peer, model, prompt, **fields) -> list[int]:
+def daemon_generate(client: DaemonClient, model, prompt, **fields) -> list[int]:
     request = Generate(model=str(model), input_ids=prompt, max_new_tokens=NEW, **fields)
     return list(client.generate_events(request))[-1].token_ids
 

@@ -20,8 +20,8 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from blocks import ClientParts, Span
-from peerd.client import AutoDistributedModelForCausalLM, Peer, PeerdError
+from blocks import ClientParts, LoadedBlocks
+from peerd.client import AutoDistributedModelForCausalLM, DaemonClient, PeerdError
 from tests.launcher import HarnessGroup as DaemonGroup
 from tests.launcher import wait_until_listed
 from tests.tiny_models import load_reference, make_tiny_model
@@ -42,7 +42,7 @@ def swarm(tmp_path_factory):
     with DaemonGroup(root / "homes", announce_period=5.0) as group:
         boot = group.start("boot", "--new-swarm")
         servers = group.start_servers(model_dir, SERVERS, boot)
-        peer = Peer(boot.socket, timeout=120)
+        peer = DaemonClient(boot.socket, timeout=120)
         wait_until_listed(peer, len(SERVERS))
         yield {
             "root": root,
@@ -91,7 +91,7 @@ def test_a_server_reaches_its_own_blocks_in_process(swarm):
     """Through server a's own socket: the chain's first hop is a itself (an in-process pipe)."""
     server = swarm["servers"]["a"]
     events = list(
-        Peer(server.socket, timeout=120).generate_events(
+        DaemonClient(server.socket, timeout=120).generate_events(
             __import__("wire.local", fromlist=["Generate"]).Generate(
                 model=str(swarm["model"]), input_ids=PROMPT_IDS, max_new_tokens=6
             )
@@ -202,7 +202,7 @@ def test_training_through_the_swarm_matches_local_gradients(swarm):
     out = blocks(x, prompts)
     loss = (out**2).mean()
     loss.backward()
-    span = Span.load(swarm["model"], 0, NUM_BLOCKS)
+    span = LoadedBlocks.load(swarm["model"], 0, NUM_BLOCKS)
     expected = span.forward(x.detach(), prompts=prompts.detach())
     grad_out = 2 * expected / expected.numel()
     grad_x, grad_p = span.backward(x.detach(), grad_out, prompts=prompts.detach())
@@ -226,7 +226,7 @@ def test_client_library_imports_without_torch(tmp_path):
         "            raise ImportError('torch is blocked in this test')\n"
         "sys.meta_path.insert(0, Block())\n"
     )
-    code = "import peerd.client as c; p = c.Peer('/nonexistent.sock'); import sys; assert 'torch' not in sys.modules; print('ok')"
+    code = "import peerd.client as c; p = c.DaemonClient('/nonexistent.sock'); import sys; assert 'torch' not in sys.modules; print('ok')"
     env = dict(os.environ, PYTHONPATH=f"{tmp_path}{os.pathsep}{os.getcwd()}")
     out = subprocess.run(
         [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60

@@ -9,7 +9,7 @@ import torch
 
 from benchmarks.bench_swarm import session_generate
 from benchmarks.common import SingleProcessModel
-from blocks import Span
+from blocks import LoadedBlocks
 from peerd.client import AutoDistributedModelForCausalLM
 from peerd.demo.run import local_greedy
 from tests.tiny_models import load_reference, make_tiny_model
@@ -23,9 +23,11 @@ def model_dir(tmp_path_factory):
 
 
 class FakeSession:
-    """What `Peer.session` returns, over a local span and KV cache."""
+    """What `DaemonClient.session` returns, over a local span and KV cache."""
 
-    def __init__(self, span: Span, max_length: int, batch_size: int, pad_lengths=None) -> None:
+    def __init__(
+        self, span: LoadedBlocks, max_length: int, batch_size: int, pad_lengths=None
+    ) -> None:
         self.span = span
         self.cache = span.new_cache(batch_size, max_length, pad_lengths=pad_lengths)
         self.route = [("local", 0, span.end)]
@@ -47,7 +49,7 @@ class FakeSession:
 
 class FakePeer:
     def __init__(self, model_dir) -> None:
-        self.span = Span.load(model_dir, 0, 3)
+        self.span = LoadedBlocks.load(model_dir, 0, 3)
         self.sessions: list[FakeSession] = []
 
     def session(self, model, max_length: int, *, batch_size: int = 1, pad_lengths=None):

@@ -12,7 +12,7 @@ import trio
 import trio.testing
 
 import wire
-from blocks import Span, checkpoint_fingerprint
+from blocks import LoadedBlocks, checkpoint_fingerprint
 from peerd.framed import FramedChannel, TrioByteStream
 from peerd.local_api import LocalAPI
 from peerd.local_api.connection import ApiConnection
@@ -41,7 +41,7 @@ class FakeSwarm:
         fingerprint = checkpoint_fingerprint(model_dir, cache_dir)
         self.model_id = f"{SwarmAccess.model_name_for(model_dir)}@{fingerprint}"
         self.servers = {
-            name: BlockServer(Span.load(model_dir, a, b), self.model_id, ServerLimits())
+            name: BlockServer(LoadedBlocks.load(model_dir, a, b), self.model_id, ServerLimits())
             for name, (a, b) in {"a": (0, 2), "b": (2, 4)}.items()
         }
         self.probe_rtts = None
@@ -141,7 +141,9 @@ def test_daemon_beam_search_equals_transformers(model_dir, tmp_path):
 def test_wire_generate_keeps_old_meanings(model_dir):
     old = api.Generate(model="m", input_ids=PROMPT)  # what an old script sends
     params = params_for_request(old, model_dir)
-    assert not params.do_sample and params.top_k == 0 and params.eos_token_id == (2,)
+    assert not params.do_sample and params.eos_token_id == (2,)  # greedy, the checkpoint's EOS
+    greedy = api.Generate(model="m", input_ids=PROMPT, temperature=0.0, top_k=0)
+    assert not params_for_request(greedy, model_dir).do_sample
     hot = params_for_request(
         api.Generate(model="m", input_ids=PROMPT, temperature=0.7, top_k=5, eos_token_id=[]),
         model_dir,

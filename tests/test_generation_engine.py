@@ -15,7 +15,7 @@ import pytest
 import torch
 from tokenizers import Tokenizer
 
-from blocks import ClientParts, Span
+from blocks import ClientParts, LoadedBlocks
 from peerd.generation import (
     Generation,
     GenerationParams,
@@ -37,7 +37,7 @@ def model(tmp_path_factory):
     return {
         "path": path,
         "parts": parts,
-        "span": Span.load(path, 0, parts.config.num_blocks),
+        "span": LoadedBlocks.load(path, 0, parts.config.num_blocks),
         "ref": load_reference(path),
         "tokenizer": Tokenizer.from_file(str(path / "tokenizer.json")),
     }

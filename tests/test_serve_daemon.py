@@ -24,7 +24,7 @@ import trio
 from click.testing import CliRunner
 
 import wire
-from blocks import Span, checkpoint_fingerprint
+from blocks import LoadedBlocks, checkpoint_fingerprint
 from peerd.config import NodeConfig
 from peerd.demo.tiny import TinyLlama, write_tiny_llama
 from peerd.framed import ConnectionLost, FramedChannel, Libp2pByteStream
@@ -86,7 +86,7 @@ def swarm(tmp_path_factory):
             "small_id": f"small@{checkpoint_fingerprint(small)}",
             "servers": servers,
             "limits": limits,
-            "reference": Span.load(model, 0, NUM_BLOCKS),
+            "reference": LoadedBlocks.load(model, 0, NUM_BLOCKS),
         }
 
 

@@ -182,17 +182,19 @@ class Generate(Message):
     prompt: str | None = wired(Maybe(Text(1 << 20, min_len=0)), default=None)
     input_ids: list[int] | None = wired(Maybe(ListOf(Int(0, 2**31), 1 << 16)), default=None)
     max_new_tokens: int = wired(Int(1, 1 << 16), default=32)
-    temperature: float = wired(Float(0.0, 100.0), default=0.0)
-    top_k: int = wired(Int(0, 1 << 20), default=0)
-    top_p: float = wired(Float(0.0, 1.0), default=1.0)
-    repetition_penalty: float = wired(Float(1e-3, 100.0), default=1.0)
+    # Sampling knobs with transformers' meanings; None: the checkpoint's generation_config.json,
+    # then transformers' defaults. A temperature given without do_sample asks for sampling
+    # when > 0 and for greedy decoding when 0 (OpenAI's convention).
+    temperature: float | None = wired(Maybe(Float(0.0, 100.0)), default=None)
+    top_k: int | None = wired(Maybe(Int(0, 1 << 20)), default=None)
+    top_p: float | None = wired(Maybe(Float(0.0, 1.0)), default=None)
+    repetition_penalty: float | None = wired(Maybe(Float(1e-3, 100.0)), default=None)
     stop: list[str] = wired(ListOf(Text(256), 64), default_factory=list)
     seed: int | None = wired(Maybe(Int(0, 2**63 - 1)), default=None)
     compression: str = wired(COMPRESSION, default="none")
     allow: list[str] | None = wired(PEER_LIST, default=None)
     deny: list[str] | None = wired(PEER_LIST, default=None)
-    # later additions, transformers' meanings; a request without them means what it meant before
-    do_sample: bool | None = wired(Maybe(Flag()), default=None)  # None: sample iff temperature > 0
+    do_sample: bool | None = wired(Maybe(Flag()), default=None)
     min_p: float | None = wired(Maybe(Float(0.0, 1.0)), default=None)
     num_beams: int = wired(Int(1, 64), default=1)
     length_penalty: float = wired(Float(-100.0, 100.0), default=1.0)
@@ -206,7 +208,7 @@ class Generate(Message):
             raise bad_request("generate.input_ids is empty")
         if self.top_p == 0.0:
             raise bad_request("generate.top_p must be > 0")
-        if self.do_sample and self.temperature == 0.0:
+        if self.do_sample and self.temperature == 0.0:  # (None is fine: the default applies)
             raise bad_request("generate.temperature must be > 0 when do_sample is true")
         if self.num_beams > 1 and self.stop:
             raise bad_request("generate.stop cannot be combined with num_beams > 1")

@@ -1,20 +1,23 @@
 """The light client library: imports only the standard library, msgpack and `wire` (whose
 torch import waits until a tensor is encoded), so any script can talk to its daemon.
 
-    from peerd.client import Peer
-    print(Peer().generate("/models/llama-2-7b", "The capital of France is", max_new_tokens=8))
+    from peerd.client import DaemonClient
+    print(DaemonClient().generate("/models/llama-2-7b", "The capital of France is", max_new_tokens=8))
 
 Torch-based helpers load on first use: `RemoteBlocks` (an autograd-aware module over the
 chain) and `AutoDistributedModelForCausalLM` (transformers-style generate).
 """
 
 from peerd.client.connection import Connection, PeerdError, default_socket_path
-from peerd.client.peer import ChainSession, Peer
+from peerd.client.daemon_client import ChainSession, DaemonClient
+
+Peer = DaemonClient  # the name before 0.2 (it is a handle on the local daemon, not a swarm peer)
 
 __all__ = [
     "AutoDistributedModelForCausalLM",
     "ChainSession",
     "Connection",
+    "DaemonClient",
     "Peer",
     "PeerdError",
     "RemoteBlocks",

@@ -101,7 +101,9 @@ class Connection:
                 yield reply
                 return
             else:
-                raise PeerdError(ErrorCode.BAD_REPLY, f"unexpected {reply.TYPE} in a {message.TYPE} stream")
+                raise PeerdError(
+                    ErrorCode.BAD_REPLY, f"unexpected {reply.TYPE} in a {message.TYPE} stream"
+                )
 
     def close(self) -> None:
         self.sock.close()

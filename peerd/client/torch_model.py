@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from blocks import ClientParts
-from peerd.client.peer import Peer
+from peerd.client.daemon_client import DaemonClient
 from peerd.generation import (
     Generation,
     GenerationParams,
@@ -33,7 +33,12 @@ class _ChainFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(
-        ctx, hidden: torch.Tensor, prompts: torch.Tensor, peer: Peer, model: str, compression: str
+        ctx,
+        hidden: torch.Tensor,
+        prompts: torch.Tensor,
+        peer: DaemonClient,
+        model: str,
+        compression: str,
     ):
         has_prompts = prompts.numel() > 0
         out, trace_id = peer.forward(
@@ -69,11 +74,15 @@ class RemoteBlocks(nn.Module):
     """Every transformer block of `model`, run by the swarm; gradients flow through it."""
 
     def __init__(
-        self, model: str | os.PathLike, peer: Peer | None = None, *, compression: str = "none"
+        self,
+        model: str | os.PathLike,
+        peer: DaemonClient | None = None,
+        *,
+        compression: str = "none",
     ):
         super().__init__()
         self.model = str(model)
-        self.peer = peer or Peer()
+        self.peer = peer or DaemonClient()
         self.compression = compression
 
     def forward(self, hidden: torch.Tensor, prompts: torch.Tensor | None = None) -> torch.Tensor:
@@ -89,7 +98,9 @@ class CausalLMOutput:
 class AutoDistributedModelForCausalLM(nn.Module):
     """Embeddings, final norm and LM head here; the blocks in the swarm."""
 
-    def __init__(self, path: Path, parts: ClientParts, peer: Peer, compression: str = "none"):
+    def __init__(
+        self, path: Path, parts: ClientParts, peer: DaemonClient, compression: str = "none"
+    ):
         super().__init__()
         self.path, self.parts, self.peer = path, parts, peer
         self.config = parts.config
@@ -101,13 +112,13 @@ class AutoDistributedModelForCausalLM(nn.Module):
         cls,
         path: str | os.PathLike,
         *,
-        peer: Peer | None = None,
+        peer: DaemonClient | None = None,
         dtype: torch.dtype = torch.float32,
         compression: str = "none",
     ) -> AutoDistributedModelForCausalLM:
         """`path` is an HF-format checkpoint directory readable by this script and the daemon."""
         path = Path(path).expanduser().resolve()
-        return cls(path, ClientParts.load(path, dtype=dtype), peer or Peer(), compression)
+        return cls(path, ClientParts.load(path, dtype=dtype), peer or DaemonClient(), compression)
 
     def forward(
         self, input_ids: torch.Tensor, prompts: torch.Tensor | None = None

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import torch
 
-from blocks import ClientParts, Span
-from peerd.client import Peer
+from blocks import ClientParts, LoadedBlocks
+from peerd.client import DaemonClient
 from peerd.demo.processes import DaemonGroup, wait_until_listed
 from peerd.demo.tiny import TinyLlama, write_tiny_llama
 from peerd.generation import (
@@ -41,7 +41,7 @@ def greedy_params(new_tokens: int) -> GenerationParams:
 def local_greedy(model_dir: Path, input_ids: list[int], new_tokens: int) -> list[int]:
     """Single-process generation with the same weights: the reference the swarm must match."""
     parts = ClientParts.load(model_dir)
-    span = Span.load(model_dir, 0, parts.config.num_blocks)
+    span = LoadedBlocks.load(model_dir, 0, parts.config.num_blocks)
     gen = Generation([input_ids], greedy_params(new_tokens), vocab_size=parts.config.vocab_size)
     with torch.no_grad():
         return generate_sync(gen, LocalStep(parts, span, gen.max_length))[0].token_ids
@@ -101,7 +101,7 @@ def run_demo(
         for name, blocks in SERVERS:
             a, b = (int(x) for x in blocks.split(":"))
             echo(f"   {name} {_short(servers[name].peer_id)} serves blocks {a}..{b - 1}")
-        peer = Peer(boot.socket)
+        peer = DaemonClient(boot.socket)
         wait_until_listed(peer, len(SERVERS))
         by_peer = {d.peer_id: name for name, d in servers.items()}
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from blocks import ClientParts, KVCache, Span
+from blocks import ClientParts, KVCache, LoadedBlocks
 
 from .types import StepRequest
 
@@ -27,7 +27,7 @@ def last_logits(parts: ClientParts, hidden: Tensor) -> Tensor:
 class LocalStep:
     """`step(request)` over a span holding every block, with its own KV cache."""
 
-    def __init__(self, parts: ClientParts, span: Span, max_length: int) -> None:
+    def __init__(self, parts: ClientParts, span: LoadedBlocks, max_length: int) -> None:
         self.parts, self.span, self.max_length = parts, span, max_length
         self.cache: KVCache | None = None
 

@@ -1,8 +1,8 @@
 """How the daemon reads a `Generate` request: the wire's fields as `GenerationParams`.
 
-The wire keeps its first meanings, so old scripts get what they got: temperature 0 (the
-default) is greedy decoding and top_k 0 keeps every token. What the request leaves open (EOS
-and pad ids, unless it lists `eos_token_id`) comes from the checkpoint's generation config.
+What a request gives wins; what it leaves out (None) follows the checkpoint's
+generation_config.json, then transformers' defaults. One shortcut: a temperature given without
+`do_sample` decides it — sampling when > 0, greedy decoding when 0 (OpenAI's convention).
 """
 
 from __future__ import annotations
@@ -15,12 +15,14 @@ from wire import local as api
 
 def params_for_request(request: api.Generate, checkpoint: str | Path) -> GenerationParams:
     """Raises ValueError for combinations the engine refuses."""
-    do_sample = request.do_sample if request.do_sample is not None else request.temperature > 0
+    do_sample = request.do_sample
+    if do_sample is None and request.temperature is not None:
+        do_sample = request.temperature > 0
     return GenerationParams.from_checkpoint(
         checkpoint,
         max_new_tokens=request.max_new_tokens,
         do_sample=do_sample,
-        temperature=request.temperature if request.temperature > 0 else None,
+        temperature=request.temperature if request.temperature else None,
         top_k=request.top_k,
         top_p=request.top_p,
         min_p=request.min_p,

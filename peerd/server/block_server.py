@@ -14,7 +14,7 @@ from collections.abc import Callable
 import trio
 
 import wire
-from blocks import Span
+from blocks import LoadedBlocks
 from peerd.framed import ConnectionLost, FramedChannel
 from peerd.server.limits import CacheBudget, RequestRefused, ServerLimits
 from peerd.server.protocols import INFERENCE_PROTOCOL, RPC_PROTOCOL
@@ -32,7 +32,7 @@ class BlockServer:
 
     def __init__(
         self,
-        span: Span,
+        span: LoadedBlocks,
         model_id: str,
         limits: ServerLimits,
         *,

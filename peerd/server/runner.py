@@ -15,7 +15,7 @@ import torch
 import trio
 
 import wire
-from blocks import BlockRangeError, BlocksError, InputError, Span
+from blocks import BlockRangeError, BlocksError, InputError, LoadedBlocks
 from peerd.server.limits import RequestRefused, ServerLimits
 from peerd.server.priority import TRAINING, ComputeQueue
 from wire import ErrorCode
@@ -24,7 +24,7 @@ from wire import ErrorCode
 class SpanRunner:
     """Checks requests against one span and its limits; runs them on the compute queue."""
 
-    def __init__(self, span: Span, model_id: str, limits: ServerLimits) -> None:
+    def __init__(self, span: LoadedBlocks, model_id: str, limits: ServerLimits) -> None:
         self.span = span
         self.model_id = model_id
         self.limits = limits

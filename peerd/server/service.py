@@ -23,7 +23,13 @@ from balancing import (
     first_mover,
     should_move,
 )
-from blocks import ModelConfig, Span, checkpoint_fingerprint, load_config, measure_throughput
+from blocks import (
+    LoadedBlocks,
+    ModelConfig,
+    checkpoint_fingerprint,
+    load_config,
+    measure_throughput,
+)
 from peerd.framed import FramedChannel, Libp2pByteStream
 from peerd.records import ServerRecord, State
 from peerd.server.block_server import INFERENCE_PROTOCOL, RPC_PROTOCOL, BlockServer
@@ -173,7 +179,7 @@ class BlockService:
             server.budget.capacity,
         )
 
-    def _load_span(self, start: int, end: int) -> Span:
+    def _load_span(self, start: int, end: int) -> LoadedBlocks:
         """Load with a progress bar on stderr (weights of big models take minutes to read)."""
         from tqdm import tqdm
 
@@ -181,7 +187,7 @@ class BlockService:
         with tqdm(
             total=end - start, desc=f"loading blocks {start}:{end}", unit="block", leave=False
         ) as bar:
-            return Span.load(
+            return LoadedBlocks.load(
                 opts.model_path,
                 start,
                 end,

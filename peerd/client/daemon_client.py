@@ -1,11 +1,11 @@
-"""`Peer`: the synchronous client of a peerd daemon, for any plain script.
+"""`DaemonClient`: the synchronous client of a peerd daemon, for any plain script.
 
-from peerd.client import Peer
-peer = Peer()                                    # ~/.peerd/peerd.sock or $PEERD_SOCKET
-for piece in peer.generate("path/to/checkpoint", "Hello", max_new_tokens=20):
+from peerd.client import DaemonClient
+daemon = DaemonClient()                           # ~/.peerd/peerd.sock or $PEERD_SOCKET
+for piece in daemon.generate("path/to/checkpoint", "Hello", max_new_tokens=20, stream=True):
     print(piece, end="", flush=True)
-with peer.session(model, max_length=64) as s:    # research access to hidden states
-    out = s.step(hidden)                         # torch tensor [batch, tokens, hidden]
+with daemon.session(model, max_length=64) as s:  # research access to hidden states
+    out = s.step(hidden)                          # torch tensor [batch, tokens, hidden]
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ if TYPE_CHECKING:
     import torch
 
 
-class Peer:
+class DaemonClient:
     """A handle on the daemon; each call uses its own connection, so threads may share it."""
 
     def __init__(
@@ -46,10 +46,10 @@ class Peer:
         prompt: str | Sequence[int],
         max_new_tokens: int = 32,
         *,
-        temperature: float = 0.0,
-        top_k: int = 0,
-        top_p: float = 1.0,
-        repetition_penalty: float = 1.0,
+        temperature: float | None = None,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        repetition_penalty: float | None = None,
         min_p: float | None = None,
         do_sample: bool | None = None,
         stop: Sequence[str] = (),
@@ -63,19 +63,21 @@ class Peer:
         """Text (or token ids) in; the continuation's text out, or an iterator of its pieces.
 
         `model` is a checkpoint directory on the daemon's machine (it holds the embeddings,
-        head and tokenizer); temperature 0 is greedy decoding (unless do_sample says
-        otherwise). `eos_token_id` None takes the checkpoint's EOS ids, [] never stops at one;
-        the text ends before the first `stop` string found.
+        head and tokenizer). Sampling knobs have transformers' meanings; what is left None
+        follows the checkpoint's generation_config.json, then transformers' defaults (greedy).
+        A temperature given without `do_sample` decides it: > 0 samples, 0 is greedy.
+        `eos_token_id` None takes the checkpoint's EOS ids, [] never stops at one; the text
+        ends before the first `stop` string found.
         """
         request = api.Generate(
             model=str(model),
             prompt=prompt if isinstance(prompt, str) else None,
             input_ids=None if isinstance(prompt, str) else [int(t) for t in prompt],
             max_new_tokens=max_new_tokens,
-            temperature=float(temperature),
+            temperature=None if temperature is None else float(temperature),
             top_k=top_k,
-            top_p=float(top_p),
-            repetition_penalty=float(repetition_penalty),
+            top_p=None if top_p is None else float(top_p),
+            repetition_penalty=None if repetition_penalty is None else float(repetition_penalty),
             min_p=None if min_p is None else float(min_p),
             do_sample=do_sample,
             stop=list(stop),
@@ -179,7 +181,7 @@ class ChainSession:
 
     def __init__(
         self,
-        peer: Peer,
+        peer: DaemonClient,
         model: str,
         max_length: int,
         *,
