@@ -1,4 +1,4 @@
-"""Forward and backward through a chain of servers, for training (deep prompt tuning, adapters).
+"""Forward and backward through a chain of servers, for training (deep prompt tuning).
 
 Routes in throughput mode (spread over servers). A failed server is banned and the request
 re-routed; when no server covers some blocks the request waits for coverage up to the
