@@ -3,8 +3,15 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import click
+
+from cli.options import dataclass_options, field_values
+from peerd.config import NodeConfig
+from peerd.server.options import ServeOptions, parse_blocks
+
+SIZING = ("dtype", "quant", "gpu", "device")
 
 
 @click.command()
@@ -12,36 +19,21 @@ import click
 @click.option(
     "--blocks", default="0:1", show_default=True, metavar="A:B", help="Blocks to load and time."
 )
-@click.option(
-    "--dtype",
-    type=click.Choice(["float32", "bfloat16", "float16"]),
-    default="float32",
-    show_default=True,
-)
-@click.option(
-    "--quant", type=click.Choice(["none", "int8", "nf4"]), default="none", show_default=True
-)
-@click.option("--device", default="cpu", show_default=True, help="torch device, e.g. cuda:0.")
-@click.option(
-    "--home",
-    type=click.Path(file_okay=False, path_type=Path),
-    default=Path("~/.peerd"),
-    show_default=True,
-    envvar="PEERD_HOME",
-    help="Where the measurement is cached.",
-)
+@dataclass_options(ServeOptions, only=SIZING)
+@dataclass_options(NodeConfig, only=["home"])
 @click.option("--force", is_flag=True, help="Measure again even if a cached figure exists.")
-def bench(
-    model: Path, blocks: str, dtype: str, quant: str, device: str, home: Path, force: bool
-) -> None:
+def bench(model: Path, blocks: str, force: bool, **opts: Any) -> None:
     """Measure inference steps/s and forward tokens/s per block of MODEL on this machine."""
     from blocks import BlocksError, LoadedBlocks, checkpoint_fingerprint, measure_throughput
 
     try:
-        start, end = (int(x) for x in blocks.split(":"))
-    except ValueError:
-        raise click.BadParameter("expected A:B", param_hint="--blocks") from None
-    cache = home.expanduser() / "cache"
+        start, end = parse_blocks(blocks)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--blocks") from None
+    serve = ServeOptions(model_path=model, **field_values(ServeOptions, opts, only=[*SIZING]))
+    dtype, quant, device = serve.dtype, serve.quant, serve.device
+    home = field_values(NodeConfig, opts, only=["home"])["home"]
+    cache = Path(home).expanduser() / "cache"
     try:
         span = LoadedBlocks.load(model, start, end, dtype=dtype, quant=quant, device=device)
         key = f"{model.resolve().name}@{checkpoint_fingerprint(model, cache)}"

@@ -14,7 +14,12 @@ import click
     help="Checkpoint directory of the model (the daemon loads its head and tokenizer).",
 )
 @click.argument("prompt")
-@click.option("--max-new-tokens", type=click.IntRange(min=1), default=32, show_default=True)
+@click.option(
+    "--max-new-tokens",
+    type=click.IntRange(min=1),
+    default=None,
+    help="New tokens at most (default: the checkpoint's generation_config.json, else 20).",
+)
 @click.option(
     "--do-sample/--greedy",
     default=None,

@@ -181,7 +181,7 @@ class Generate(Message):
     model: str = wired(MODEL_REF)
     prompt: str | None = wired(Maybe(Text(1 << 20, min_len=0)), default=None)
     input_ids: list[int] | None = wired(Maybe(ListOf(Int(0, 2**31), 1 << 16)), default=None)
-    max_new_tokens: int = wired(Int(1, 1 << 16), default=32)
+    max_new_tokens: int | None = wired(Maybe(Int(1, 1 << 16)), default=None)  # None: see below
     # Sampling knobs with transformers' meanings; None: the checkpoint's generation_config.json,
     # then transformers' defaults. A temperature given without do_sample asks for sampling
     # when > 0 and for greedy decoding when 0 (OpenAI's convention).

@@ -44,7 +44,7 @@ class DaemonClient:
         self,
         model: str,
         prompt: str | Sequence[int],
-        max_new_tokens: int = 32,
+        max_new_tokens: int | None = None,
         *,
         temperature: float | None = None,
         top_k: int | None = None,
