@@ -1,10 +1,12 @@
-"""Every swarm benchmark in one run on one machine: the per-hop figures, then the swarm's.
+"""Every swarm benchmark in one run on one machine: the engine and wire figures, the per-hop
+figures, then the swarm's.
 
     python -m benchmarks.run_all [--quick] [--out benchmarks/results/run.json]
                                  [--max-load 3 --wait 900] [--model-cache DIR]
 
 `--quick` is a smoke run (small model, few tokens, one run each). The full run uses the
-reference setup of `benchmarks.common.REFERENCE` and takes about 15 minutes on a 2-core machine.
+reference setup of `benchmarks.common.REFERENCE` and takes about 18 minutes on a 2-core machine
+(the in-process generation-engine and wire figures of `bench_generation` first, ~3 minutes).
 Other work on the machine skews the figures: `--max-load` waits (up to `--wait` seconds) for the
 1-minute load average to drop below it first, and the load before and after is reported.
 """
@@ -19,7 +21,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks import bench_hop, bench_swarm
+from benchmarks import bench_generation, bench_hop, bench_swarm
 from benchmarks.common import REPO, limit_threads, model_dir_for, setup_for, write_json
 
 
@@ -85,6 +87,8 @@ def main(argv: list[str] | None = None) -> None:
         results["load_at_start"] = wait_for_quiet(args.max_load, args.wait)
     with tempfile.TemporaryDirectory(prefix="peerd-bench-") as tmp:
         workdir = Path(tmp)
+        results["generation"] = bench_generation.run(args.quick, workdir / "generation")
+        print(bench_generation.report(results["generation"]), flush=True)
         model_dir = model_dir_for(setup, args.model_cache or workdir / "models")
         print(f"model: {model_dir}", flush=True)
         results["hop"] = bench_hop.run(setup, model_dir, workdir, 20 if args.quick else 200)
@@ -97,6 +101,8 @@ def main(argv: list[str] | None = None) -> None:
         f"load {results['hop']['load_before'][0]:.1f} → {results['swarm']['load_after'][0]:.1f}, "
         f"{results['seconds']:.0f} s)"
     )
+    print()
+    print(bench_generation.report(results["generation"]))
     print()
     print(bench_hop.report(results["hop"]))
     print()
