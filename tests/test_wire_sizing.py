@@ -76,3 +76,13 @@ def test_a_64_mib_step_of_2048_tokens_is_cut_in_two():
     """The step our own encoder used to refuse (and blame on the server)."""
     rows = wire.rows_per_frame([1, 2048, 8192], torch.float32, "none", wire.DEFAULT_MAX_FRAME)
     assert len(wire.cuts(2048, rows)) == 2
+
+
+@pytest.mark.parametrize("total,per_piece", [(4096, 2047), (10, 3), (2048, 2048), (7, 1), (5, 100)])
+def test_cuts_are_as_few_as_allowed_and_even(total, per_piece):
+    pieces = wire.cuts(total, per_piece)
+    sizes = [p.stop - p.start for p in pieces]
+    assert len(pieces) == -(-total // per_piece)  # no more messages than the limit forces
+    assert max(sizes) <= per_piece and max(sizes) - min(sizes) <= 1  # no 2-token tail
+    assert [p.start for p in pieces] == [0] + [p.stop for p in pieces[:-1]]
+    assert pieces[-1].stop == total
