@@ -422,3 +422,23 @@ def time_python(code: str, threads: int = 1, runs: int = 3) -> float:
         )
         times.append(time.monotonic() - t0)
     return median(times)
+
+
+def _timed(fn: Callable[[], object]) -> float:
+    """CPU seconds of this process (one torch thread): other work on the machine adds none."""
+    t0 = time.process_time()
+    fn()
+    return time.process_time() - t0
+
+
+def interleaved(fns: dict[str, Callable[[], object]], runs: int) -> dict[str, list[float]]:
+    """Seconds of each function per run, the functions taking turns (load hits them alike)."""
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(runs):
+        for name, fn in fns.items():
+            times[name].append(_timed(fn))
+    return times
+
+
+def best_and_median(times: list[float]) -> tuple[float, float]:
+    return min(times), statistics.median(times)
