@@ -5,10 +5,11 @@ line, else the option's environment variable, else the file, else the option's d
 
 Keys are the command's option names, with dashes or underscores (`cache-tokens = 4096`,
 `initial_peers = ["/ip4/..."]`); a flag takes true or false, a repeatable option a list.
-Keys at the top level are for every command reading the file; a table named after a command
-(`[serve]`, `[join]`) is for that command only, wins over the top level, and is skipped by the
-others, so one file can serve all the daemons of a machine. A key that is not an option of the
-command, or a value of the wrong type, is a usage error naming the key and the file.
+Keys at the top level are for every command reading the file that has such an option (a
+`serve`-only key there is skipped by `join`); a table named after a command (`[serve]`,
+`[join]`) is for that command only, wins over the top level, and is skipped by the others, so
+one file can serve all the daemons of a machine. A key that no such command has, or a value of
+the wrong type, is a usage error naming the key and the file.
 """
 
 from __future__ import annotations
@@ -59,6 +60,7 @@ def read_config(path: Path, ctx: click.Context, sections: tuple[str, ...]) -> di
         raise click.UsageError(f"{path}: cannot read it as TOML: {exc}") from None
     command = ctx.command.name or ""
     options = _options_by_key(ctx.command)
+    siblings = _sibling_keys(ctx, sections, command)
     top = {k: v for k, v in data.items() if not (isinstance(v, dict) and k in sections)}
     values: dict[str, Any] = {}
     for where, table in (("", top), (f"[{command}] ", data.get(command, {}))):
@@ -67,6 +69,8 @@ def read_config(path: Path, ctx: click.Context, sections: tuple[str, ...]) -> di
         given: set[str] = set()
         for key, value in table.items():
             param = options.get(key.replace("-", "_"))
+            if param is None and not where and key.replace("-", "_") in siblings:
+                continue  # a top-level key for another command that reads this file
             if param is None:
                 raise click.UsageError(
                     f"{path}: {where}{_unknown(key, command, options, data, sections)}"
@@ -77,6 +81,17 @@ def read_config(path: Path, ctx: click.Context, sections: tuple[str, ...]) -> di
             _check(ctx, param, value, f"{path}: {where}{key}")
             values[param.name] = value
     return values
+
+
+def _sibling_keys(ctx: click.Context, sections: tuple[str, ...], command: str) -> set[str]:
+    """The option keys of the other commands that read such files (`serve` for `join`...)."""
+    group = ctx.parent.command if ctx.parent is not None else None
+    keys: set[str] = set()
+    for name in sections:
+        other = group.get_command(ctx.parent, name) if isinstance(group, click.Group) else None
+        if other is not None and name != command:
+            keys |= set(_options_by_key(other))
+    return keys
 
 
 def _options_by_key(command: click.Command) -> dict[str, click.Option]:

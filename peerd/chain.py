@@ -37,6 +37,7 @@ from peerd.hops import (
     our_fault,
 )
 from peerd.planning import ChainOptions, Planning, RttProbe, ServerSource
+from peerd.replay_history import BoundaryHistory
 from wire import ErrorCode
 
 log = logging.getLogger("peerd.chain")
@@ -80,7 +81,8 @@ class InferenceChain:
         self.planning = planning
         self.connect = connect
         self.hops: list[ChainHop] = []
-        self.history: dict[int, list[torch.Tensor]] = {}
+        self.history: dict[int, BoundaryHistory] = {}
+        self.broken: str | None = None  # why a step failed part-way (the chain is unusable)
         self.length = 0
         self.recoveries: list[RecoveryEvent] = []
         self.failures = 0
@@ -127,6 +129,12 @@ class InferenceChain:
     ) -> torch.Tensor:
         """Hidden states [B, T, H] in, hidden states after the last block out (in the dtype
         of `hidden`). `reorder`: row i of every cache becomes row reorder[i] before the step."""
+        if self.broken is not None:
+            raise ChainError(
+                ErrorCode.CLOSED,
+                f"this chain is out of step since a step failed part-way ({self.broken}); "
+                "open a new chain",
+            )
         batch = self.options.batch_size
         if hidden.dim() != 3 or hidden.shape[0] != batch or hidden.shape[1] < 1:
             raise ChainError(
@@ -142,7 +150,18 @@ class InferenceChain:
             )
         x = hidden.detach().to("cpu")
         for hop in self.hops:  # a step no server can take is refused before anyone gets it
-            hop.tokens_per_step(x.shape, self.options.compression)
+            hop.tokens_per_step(x.shape, self.options.compression, len(index or ()))
+        try:
+            x = await self._step_every_hop(x, index)
+        except BaseException as exc:
+            # some servers (and the stored history) may already hold this step: a retry would
+            # compute on caches ahead of the chain, so the chain refuses to go on instead
+            self.broken = f"{type(exc).__name__}: {exc}"[:200]
+            raise
+        self.length += hidden.shape[1]
+        return x.to(hidden.dtype)
+
+    async def _step_every_hop(self, x: torch.Tensor, index: list[int] | None) -> torch.Tensor:
         if index is not None:
             self._reorder_history(index)
         # hops open before this step get the reorder; replacements replay gathered history
@@ -155,11 +174,10 @@ class InferenceChain:
             except HopFailed as failure:
                 await self._recover(position, failure)
                 continue
-            self.history.setdefault(hop.start, []).append(x)
+            self.history.setdefault(hop.start, BoundaryHistory()).append(x)
             x = y
             position += 1
-        self.length += hidden.shape[1]
-        return x.to(hidden.dtype)
+        return x
 
     def _check_reorder(self, reorder: Sequence[int] | None) -> list[int] | None:
         if reorder is None:
@@ -176,8 +194,8 @@ class InferenceChain:
     def _reorder_history(self, index: list[int]) -> None:
         """Gather the stored inputs (and pad lengths) like the servers gather their caches."""
         rows = torch.tensor(index)
-        for boundary, past in self.history.items():
-            self.history[boundary] = [torch.cat(past, dim=1).index_select(0, rows)]
+        for past in self.history.values():
+            past.reorder(rows)
         if self.pad_lengths is not None:
             self.pad_lengths = [self.pad_lengths[i] for i in index]
 
@@ -287,11 +305,10 @@ class InferenceChain:
                 ErrorCode.INTERNAL,
                 f"no stored inputs for block {hop.start}: cannot rebuild its cache",
             )
-        dtype = hop.limits.torch_dtype
-        inputs = torch.cat([t.to(dtype) for t in past], dim=1)
+        inputs = past.inputs(hop.limits.torch_dtype)
         outputs = await self._send(hop, inputs, replay=True)
         if hop.end < opts.end:
-            self.history[hop.end] = [outputs]
+            self.history[hop.end] = BoundaryHistory.of(outputs)
         return inputs.shape[1]
 
     def _forget_unused_history(self) -> None:

@@ -78,8 +78,8 @@ class Daemon:
         await self.node.shutdown()
 
     def _write_ready(self) -> None:
-        if not self.node.ready.is_set():
-            return
+        if not (self.node.ready.is_set() and self.api.listening.is_set()):
+            return  # not ready yet: the first write comes when both are
         info = self.node.info()
         self._ready = ReadyInfo(
             pid=os.getpid(),

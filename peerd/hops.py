@@ -27,7 +27,7 @@ from peerd.framed import ConnectionLost, FramedChannel
 from peerd.server.protocols import INFERENCE_PROTOCOL
 from wire import ErrorCode, WireError
 from wire.names import FLOATING_DTYPES
-from wire.sizing import SEQUENCE
+from wire.sizing import SEQUENCE, int_list_bytes
 
 # Server answers that mean "this server cannot help now": route around it.
 RETRYABLE_CODES = frozenset(
@@ -40,6 +40,9 @@ RETRYABLE_CODES = frozenset(
         ErrorCode.UNKNOWN_MODEL,
     }
 )
+
+
+REPLAY_PIECE_TOKENS = 2048  # batch × tokens of one replayed Step at most
 
 
 class ChainError(WireError):
@@ -176,10 +179,12 @@ class ChainHop:
             )
         self.limits = HopLimits.from_opened(opened, ours)
 
-    def tokens_per_step(self, shape: torch.Size, compression: str) -> int:
-        """How many tokens of a [batch, tokens, hidden] step one Step to this server carries."""
+    def tokens_per_step(self, shape: torch.Size, compression: str, reorder_rows: int = 0) -> int:
+        """How many tokens of a [batch, tokens, hidden] step one Step to this server carries
+        (with a reorder list of `reorder_rows` indices in the first one)."""
         assert self.limits is not None
-        return self.limits.rows(shape, compression, dim=SEQUENCE)
+        extra = int_list_bytes(reorder_rows) if reorder_rows else 0
+        return self.limits.rows(shape, compression, dim=SEQUENCE, fixed_bytes=extra)
 
     async def step(
         self,
@@ -195,7 +200,9 @@ class ChainHop:
         frames need (the server's cache advances with each); `reorder` goes with the first."""
         assert self.channel is not None and self.limits is not None
         x = x.to(self.limits.torch_dtype)
-        per_step = self.tokens_per_step(x.shape, compression)
+        per_step = self.tokens_per_step(x.shape, compression, len(reorder or ()))
+        if replay:  # each piece gets one step timeout: keep a replay's pieces short to compute
+            per_step = min(per_step, max(1, REPLAY_PIECE_TOKENS // x.shape[0]))
         outputs = []
         for piece in wire.cuts(x.shape[1], per_step):
             chunk = x[:, piece]

@@ -192,7 +192,7 @@ class Node:
                 self.announcer.set_provider(self._provider)
                 if not self.reachable:
                     await membership.start_reservations(
-                        nursery, self.relay, dht, self.request_announce
+                        nursery, self.relay, dht, self._addrs_changed
                     )
                 nursery.start_soon(self.announcer.run)
                 nursery.start_soon(membership.maintain, dht)

@@ -15,7 +15,7 @@ import trio
 
 from blocks import LoadedBlocks
 from peerd.chain import ChainError
-from tests.chain_harness import Swarm, is_replay, nth_step
+from tests.chain_harness import Swarm, is_replay, nth_step, run_swarm
 from tests.tiny_models import make_tiny_model
 
 NUM_BLOCKS = 6
@@ -185,3 +185,26 @@ def test_training_forward_backward_retries_and_matches_autograd(model_dir, refer
     expected_grad, _ = reference_span.backward(x, grad)  # equals autograd: see test_blocks_*
     torch.testing.assert_close(out, reference_span.forward(x), atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(grad_x, expected_grad, atol=1e-5, rtol=1e-4)
+
+
+def test_a_step_that_failed_part_way_leaves_the_chain_refusing_further_steps(model_dir):
+    """Hop a computed the step, b died and nobody covers its blocks: a's cache is ahead of the
+    chain. Retrying (even once a replacement appears) would compute on it silently wrong, so
+    the chain says it is out of step instead."""
+    torch.manual_seed(0)
+    hidden = LoadedBlocks.load(model_dir, 0, 1).config.hidden_size
+    x1, x2 = torch.randn(1, 3, hidden), torch.randn(1, 1, hidden)
+
+    async def body(swarm):
+        chain = swarm.chain(16)
+        await chain.open()
+        await chain.step(x1)
+        swarm.peers["b"].crash_when = nth_step(1)
+        with pytest.raises(ChainError) as failed:
+            await chain.step(x2)
+        with pytest.raises(ChainError, match="out of step") as refused:
+            await chain.step(x2)
+        return failed.value.code, refused.value.code
+
+    _, (failed, refused) = run_swarm(model_dir, {"a": (0, 3), "b": (3, NUM_BLOCKS)}, body)
+    assert failed == "no_route" and refused == "closed"

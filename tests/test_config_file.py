@@ -193,11 +193,18 @@ def test_bad_file_is_a_usage_error_naming_key_and_file(built, model, tmp_path, t
     assert not hasattr(built, "config")
 
 
-def test_serve_only_option_at_the_top_level_is_refused_by_join(built, tmp_path):
+def test_serve_only_option_at_the_top_level_is_for_serve_only(built, model, tmp_path):
+    """One file for the daemons of a machine: join skips a top-level key only serve has."""
     config = write(tmp_path, "new-swarm = true\ncache-tokens = 4096\n")
     result = run("join", "--config", config)
-    assert result.exit_code == 2
-    assert "'cache-tokens' is not an option of peerd join" in result.output
+    assert result.exit_code == 0, result.output
+    assert built.config == NodeConfig(new_swarm=True)
+    result = run("serve", str(model), "--config", config)
+    assert result.exit_code == 0, result.output
+    assert built.serve.limits.cache_tokens == 4096
+    typo = write(tmp_path, "new-swarm = true\ncache-tokns = 4096\n")
+    result = run("join", "--config", typo)
+    assert result.exit_code == 2 and "'cache-tokns' is not an option of peerd join" in result.output
 
 
 def test_missing_config_file(built, tmp_path):

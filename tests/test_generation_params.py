@@ -108,3 +108,10 @@ def test_checkpoint_defaults_are_read_and_overridden(tmp_path):
 def test_bad_parameters_are_value_errors(kwargs, message):
     with pytest.raises(ValueError, match=message):
         GenerationParams(**kwargs)
+
+
+def test_a_checkpoint_pad_id_of_minus_one_means_none(tmp_path):
+    """LLaMA-1 configs say pad_token_id -1: generation must not refuse every prompt for it."""
+    (tmp_path / "config.json").write_text(json.dumps({"eos_token_id": 2, "pad_token_id": -1}))
+    params = GenerationParams.from_checkpoint(tmp_path)
+    assert params.pad_token_id is None and params.pad_id == 2

@@ -196,8 +196,8 @@ class Generate(Message):
     deny: list[str] | None = wired(PEER_LIST, default=None)
     do_sample: bool | None = wired(Maybe(Flag()), default=None)
     min_p: float | None = wired(Maybe(Float(0.0, 1.0)), default=None)
-    num_beams: int = wired(Int(1, 64), default=1)
-    length_penalty: float = wired(Float(-100.0, 100.0), default=1.0)
+    num_beams: int | None = wired(Maybe(Int(1, 64)), default=None)
+    length_penalty: float | None = wired(Maybe(Float(-100.0, 100.0)), default=None)
     # None: the checkpoint's EOS ids (generation_config.json); []: never stop at an EOS id
     eos_token_id: list[int] | None = wired(Maybe(ListOf(Int(0, 2**31), 64)), default=None)
 
@@ -210,7 +210,7 @@ class Generate(Message):
             raise bad_request("generate.top_p must be > 0")
         if self.do_sample and self.temperature == 0.0:  # (None is fine: the default applies)
             raise bad_request("generate.temperature must be > 0 when do_sample is true")
-        if self.num_beams > 1 and self.stop:
+        if (self.num_beams or 1) > 1 and self.stop:
             raise bad_request("generate.stop cannot be combined with num_beams > 1")
 
 

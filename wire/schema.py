@@ -44,6 +44,7 @@ class Message:
     TYPE: ClassVar[str] = ""
     _FIELDS: ClassVar[tuple[tuple[str, Spec, bool], ...]] = ()  # (name, spec, required)
     _wire_keys: ClassVar[frozenset[str]] = frozenset(_ENVELOPE)
+    _omit_when: ClassVar[dict[str, Any]] = {}  # optional field -> the default it is left out at
 
     def __post_init__(self) -> None:
         for name, spec, _ in self._FIELDS:
@@ -57,7 +58,10 @@ class Message:
         compression = getattr(self, "compression", "none")
         out: dict[str, Any] = {"v": PROTOCOL_VERSION, "type": self.TYPE}
         for name, spec, _ in self._FIELDS:
-            out[name] = spec.to_wire(getattr(self, name), compression)
+            value = getattr(self, name)
+            if name in self._omit_when and _same(value, self._omit_when[name]):
+                continue  # a reader fills in the default: older peers never see newer fields
+            out[name] = spec.to_wire(value, compression)
         return out
 
     @classmethod
@@ -88,16 +92,29 @@ def register(cls: M) -> M:
     if not cls.TYPE or cls.TYPE in _REGISTRY:
         raise ValueError(f"message type {cls.TYPE!r} is empty or registered twice")
     fields = []
+    omit: dict[str, Any] = {}
     for f in dataclasses.fields(cls):
         spec = f.metadata.get("wire")
         if not isinstance(spec, Spec):
             raise TypeError(f"{cls.__name__}.{f.name} has no wire spec; declare it with wired()")
         required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
         fields.append((f.name, spec, required))
+        default = f.default if f.default_factory is dataclasses.MISSING else f.default_factory()
+        if not required and type(default) in _PLAIN:
+            omit[f.name] = default
     cls._FIELDS = tuple(fields)
+    cls._omit_when = omit
     cls._wire_keys = frozenset(_ENVELOPE) | {name for name, _, _ in fields}
     _REGISTRY[cls.TYPE] = cls
     return cls
+
+
+_PLAIN = (type(None), bool, int, float, str, list, tuple, dict)
+
+
+def _same(value: Any, default: Any) -> bool:
+    """Equal and of the same plain type (1 is not True; a tensor is never a default)."""
+    return type(value) is type(default) and value == default
 
 
 def message_types() -> dict[str, type[Message]]:

@@ -130,9 +130,9 @@ class AutoDistributedModelForCausalLM(nn.Module):
     def generate(
         self,
         input_ids: torch.Tensor,
+        max_new_tokens: int | None = None,
         *,
         attention_mask: torch.Tensor | None = None,
-        max_new_tokens: int | None = None,
         do_sample: bool | None = None,
         temperature: float | None = None,
         top_k: int | None = None,

@@ -143,6 +143,11 @@ def defaults_for(path: str | Path) -> dict[str, Any]:
         for key in ("eos_token_id", "pad_token_id"):
             if key not in out and config.get(key) is not None:
                 out[key] = config[key]
+    pad = out.get("pad_token_id")
+    if isinstance(pad, list):  # some configs list one pad id
+        pad = out["pad_token_id"] = pad[0] if pad else None
+    if not (isinstance(pad, int) and not isinstance(pad, bool) and pad >= 0):
+        out.pop("pad_token_id", None)  # e.g. LLaMA-1's -1: no pad id, the EOS id serves
     return out
 
 

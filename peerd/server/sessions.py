@@ -148,6 +148,12 @@ class Sessions:
                 f"reorder must list {cache.batch_size} row indices in [0, {cache.batch_size})",
             )
         inputs = runner.to_compute(hidden)
+        width = runner.span.config.hidden_size
+        if inputs.shape[-1] != width:  # refused before the cache is touched (reorder included)
+            raise RequestRefused(
+                ErrorCode.BAD_REQUEST,
+                f"hidden states must have {width} features, got {inputs.shape[-1]}",
+            )
 
         def run():
             if reorder is not None:
