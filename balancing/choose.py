@@ -73,7 +73,9 @@ def _settle(
     return tuple(entries)
 
 
-def canonical_plan(num_blocks: int, swarm: Iterable[Placement], max_rounds: int) -> list[SwarmEntry]:
+def canonical_plan(
+    num_blocks: int, swarm: Iterable[Placement], max_rounds: int
+) -> list[SwarmEntry]:
     """Every server re-placed from scratch in a few fixed orders, settled; the best one."""
     entries = _entries_tuple(num_blocks, swarm)
     return list(_canonical_plan(num_blocks, entries, max_rounds))
