@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import platform
 import statistics
 import time
 from pathlib import Path
@@ -29,7 +30,7 @@ def device_name(device: torch.device) -> str:
     """A stable description of the hardware the figures hold for."""
     if device.type == "cuda":
         return f"cuda:{torch.cuda.get_device_name(device)}"
-    model = "unknown"
+    model = platform.processor() or platform.machine() or "unknown"  # /proc is Linux-only
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
