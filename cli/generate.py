@@ -45,6 +45,12 @@ import click
     multiple=True,
     help="Stop when the text contains this; the output ends before it (repeatable).",
 )
+@click.option(
+    "--num-beams",
+    type=click.IntRange(min=1, max=64),
+    default=None,
+    help="Beam search over this many hypotheses (the best one is printed at the end).",
+)
 @click.option("--seed", type=int, default=None)
 @click.option(
     "--socket",
