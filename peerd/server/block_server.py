@@ -75,7 +75,7 @@ class BlockServer:
                     )
                     return
                 try:
-                    message = wire.parse_message(raw)
+                    message = wire.parse_message(raw, max_decoded=self.limits.max_frame)
                     if isinstance(message, wire.OpenSession):
                         if session is not None:
                             raise RequestRefused(
@@ -125,7 +125,8 @@ class BlockServer:
                 if idle.cancelled_caught:
                     return
                 try:
-                    reply = await self._answer(wire.parse_message(raw))
+                    message = wire.parse_message(raw, max_decoded=self.limits.max_frame)
+                    reply = await self._answer(message)
                 except wire.WireError as exc:  # RequestRefused included
                     reply = wire.Error.from_exception(exc)
                 await channel.write_message(reply.to_wire())
