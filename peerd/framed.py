@@ -122,11 +122,15 @@ def memory_pipe(buffered_frames: int = 4) -> tuple[MemoryByteStream, MemoryByteS
 
 
 class FramedChannel:
-    """Reads and writes whole messages; enforces the frame cap before reading a payload."""
+    """Reads and writes whole messages; enforces the frame cap before reading a payload.
 
-    def __init__(self, stream: ByteStream, max_frame: int) -> None:
+    `peer_id` names the other side (a libp2p peer id) for per-peer limits; None is this
+    daemon itself (the in-process pipe) or a test."""
+
+    def __init__(self, stream: ByteStream, max_frame: int, peer_id: str | None = None) -> None:
         self.stream = stream
         self.max_frame = max_frame
+        self.peer_id = peer_id
         self._buffer = bytearray()
 
     async def _read_exactly(self, n: int) -> bytes:

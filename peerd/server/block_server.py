@@ -24,6 +24,8 @@ from wire import ErrorCode
 
 log = logging.getLogger("peerd.server")
 
+CLOSE_TIMEOUT = 2.0  # seconds to close a stream politely before giving up on it
+
 __all__ = ["INFERENCE_PROTOCOL", "RPC_PROTOCOL", "BlockServer", "OpenSessionState"]
 
 
@@ -62,26 +64,38 @@ class BlockServer:
 
     # ----- inference sessions ---------------------------------------------------------
     async def handle_inference(self, channel: FramedChannel) -> None:
-        """One long-lived stream per client session: open, steps, close."""
+        """One long-lived stream per client session: open, steps, close.
+
+        The session is closed (its cache freed) when no Step comes within the idle timeout,
+        or no first step within the shorter first-step timeout; pings keep the stream
+        answering but not the session alive."""
         session: OpenSessionState | None = None
+        limits = self.limits
+        deadline, why = trio.current_time() + limits.idle_timeout, "idle"
         try:
             while True:
-                timeout = self.limits.idle_timeout
-                with trio.move_on_after(timeout) as idle:
+                with trio.move_on_at(deadline) as idle:
                     raw = await channel.read_message()
                 if idle.cancelled_caught:
-                    await self._reply_error(
-                        channel, ErrorCode.TIMEOUT, f"session idle for {timeout:.0f} s, closed", {}
+                    timeout = limits.idle_timeout if why == "idle" else limits.first_step_timeout
+                    message = (
+                        f"session idle for {timeout:.0f} s, closed"
+                        if why == "idle"
+                        else f"no first step within {timeout:.0f} s of opening, session closed"
                     )
+                    await self._reply_error(channel, ErrorCode.TIMEOUT, message, {})
                     return
                 try:
-                    message = wire.parse_message(raw, max_decoded=self.limits.max_frame)
+                    message = wire.parse_message(raw, max_decoded=limits.max_frame)
                     if isinstance(message, wire.OpenSession):
                         if session is not None:
                             raise RequestRefused(
                                 ErrorCode.BAD_REQUEST, "session already open on this stream"
                             )
-                        session = self.sessions.open_session(message)
+                        self._check_accepting()
+                        session = self.sessions.open_session(message, channel.peer_id)
+                        deadline = trio.current_time() + limits.first_step_timeout
+                        why = "first step"
                         reply = self.sessions.opened_reply(session)
                         await channel.write_message(reply.to_wire())
                     elif isinstance(message, wire.Step):
@@ -89,7 +103,9 @@ class BlockServer:
                             raise RequestRefused(
                                 ErrorCode.UNKNOWN_SESSION, "step before the session was opened"
                             )
+                        deadline, why = trio.current_time() + limits.idle_timeout, "idle"
                         result = await self.sessions.step(session, message)
+                        deadline = trio.current_time() + limits.idle_timeout
                         await channel.write_message(result.to_wire())
                     elif isinstance(message, wire.CloseSession):
                         return
@@ -113,7 +129,11 @@ class BlockServer:
         finally:
             if session is not None:
                 self.sessions.close_session(session)
-            await channel.aclose()
+            with trio.CancelScope(shield=True), trio.move_on_after(CLOSE_TIMEOUT):
+                await channel.aclose()
+
+    def _check_accepting(self) -> None:
+        """Hook for refusing new sessions (a draining server); accepts by default."""
 
     # ----- forward / backward / info / ping -----------------------------------------
     async def handle_rpc(self, channel: FramedChannel) -> None:
@@ -138,7 +158,8 @@ class BlockServer:
         except ConnectionLost:
             pass
         finally:
-            await channel.aclose()
+            with trio.CancelScope(shield=True), trio.move_on_after(CLOSE_TIMEOUT):
+                await channel.aclose()
 
     async def _answer(self, message: wire.Message) -> wire.Message:
         if isinstance(message, wire.Ping):

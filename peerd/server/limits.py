@@ -61,8 +61,28 @@ class ServerLimits:
     idle_timeout: float = field(
         default=300.0,
         metadata={
-            "help": "Seconds before an idle inference session is closed and its cache freed.",
+            "help": "Seconds without a step before an inference session is closed and its "
+            "cache freed (pings do not count).",
             "min": 1,
+        },
+    )
+    # A session reserves its whole cache when it opens: one that never steps would hold it
+    # for the full idle timeout.
+    first_step_timeout: float = field(
+        default=30.0,
+        metadata={
+            "help": "Seconds an opened inference session may wait for its first step.",
+            "min": 0.1,
+        },
+    )
+    # So that one peer cannot reserve a server's whole budget (the daemon's own client,
+    # through the in-process pipe, is not limited).
+    peer_share: float = field(
+        default=0.5,
+        metadata={
+            "help": "Largest share of the sessions and of the KV-cache budget one peer may hold.",
+            "min": 0.01,
+            "max": 1.0,
         },
     )
 
@@ -97,6 +117,11 @@ class CacheBudget:
 
     def release(self, tokens: int) -> None:
         self.used = max(0, self.used - tokens)
+
+
+def peer_quota(total: int, share: float) -> int:
+    """What one peer may hold of `total` (sessions, cache tokens): at least 1."""
+    return max(1, int(total * share))
 
 
 def budget_tokens(limits: ServerLimits, bytes_per_token: int) -> int:

@@ -207,14 +207,10 @@ class BlockService:
         max_frame = self.options.limits.max_frame
 
         async def inference(stream) -> None:
-            await _contained(
-                self.server.handle_inference, FramedChannel(Libp2pByteStream(stream), max_frame)
-            )
+            await _contained(self.server.handle_inference, _peer_channel(stream, max_frame))
 
         async def rpc(stream) -> None:
-            await _contained(
-                self.server.handle_rpc, FramedChannel(Libp2pByteStream(stream), max_frame)
-            )
+            await _contained(self.server.handle_rpc, _peer_channel(stream, max_frame))
 
         node = self.swarm.node
         node.set_stream_handler(INFERENCE_PROTOCOL, inference)
@@ -335,6 +331,15 @@ class BlockService:
             if r.start <= end < r.end and r.peer_id != self.swarm.node.peer_id
         ]
         self.next_rtts = await self.swarm.probe_rtts(nexts[:NEXT_RTT_PEERS])
+
+
+def _peer_channel(stream, max_frame: int) -> FramedChannel:
+    """A framed channel over a libp2p stream, naming the peer that opened it (quotas)."""
+    try:
+        peer_id = stream.muxed_conn.peer_id.to_base58()
+    except AttributeError:
+        peer_id = "unknown"
+    return FramedChannel(Libp2pByteStream(stream), max_frame, peer_id=peer_id)
 
 
 async def _contained(handler, channel: FramedChannel) -> None:
