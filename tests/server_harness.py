@@ -7,10 +7,25 @@ import trio
 import trio.testing
 
 import wire
-from peerd.framed import FramedChannel, TrioByteStream
+from peerd.framed import FramedChannel, MemoryByteStream, TrioByteStream
 from peerd.server.block_server import BlockServer
 
 MODEL_ID = "tiny@cafe"
+
+
+class ChunkedStream(MemoryByteStream):
+    """An in-process pipe end that hands data over 64 bytes at a time, each when the other
+    side asks for it: a writer goes only as fast as its reader reads (a small TCP window)."""
+
+    async def send_all(self, data: bytes) -> None:
+        for i in range(0, len(data), 64):
+            await super().send_all(data[i : i + 64])
+
+
+def chunked_pair() -> tuple[ChunkedStream, ChunkedStream]:
+    a_send, b_receive = trio.open_memory_channel[bytes](0)
+    b_send, a_receive = trio.open_memory_channel[bytes](0)
+    return ChunkedStream(a_send, a_receive), ChunkedStream(b_send, b_receive)
 
 
 class ServerUnderTest:
@@ -19,15 +34,22 @@ class ServerUnderTest:
     def __init__(self, server: BlockServer, nursery: trio.Nursery) -> None:
         self.server, self.nursery = server, nursery
 
-    def connect(self, protocol: str = "inference", peer_id: str | None = "peer-a") -> FramedChannel:
-        ours, theirs = trio.testing.memory_stream_pair()
+    def connect(
+        self, protocol: str = "inference", peer_id: str | None = "peer-a", *, lockstep=False
+    ) -> FramedChannel:
+        """A client channel; with `lockstep`, writers go only as fast as their reader reads."""
         limits = self.server.limits
-        channel = FramedChannel(TrioByteStream(theirs), limits.max_frame, peer_id=peer_id)
+        if lockstep:
+            ours, theirs = chunked_pair()
+        else:
+            trio_ours, trio_theirs = trio.testing.memory_stream_pair()
+            ours, theirs = TrioByteStream(trio_ours), TrioByteStream(trio_theirs)
+        channel = FramedChannel(theirs, limits.max_frame, peer_id=peer_id)
         handler = (
             self.server.handle_inference if protocol == "inference" else self.server.handle_rpc
         )
         self.nursery.start_soon(handler, channel)
-        return FramedChannel(TrioByteStream(ours), wire.DEFAULT_MAX_FRAME)
+        return FramedChannel(ours, wire.DEFAULT_MAX_FRAME)
 
 
 async def ask(channel: FramedChannel, message: wire.Message) -> wire.Message:

@@ -129,3 +129,37 @@ def test_steps_keep_a_session_alive_past_the_first_step_timeout(span):
         assert isinstance(await ask(channel, step_message(span, step_id=5)), wire.StepResult)
 
     run_with_server(span, limits, body, clock=trio.testing.MockClock(autojump_threshold=0.01))
+
+
+def test_a_peer_that_reads_very_slowly_loses_its_session_not_the_handler(span):
+    limits = ServerLimits(cache_tokens=64, io_timeout=5.0)
+
+    async def body(h):
+        channel = h.connect(lockstep=True)
+        await ask(channel, open_message(span, max_length=32))
+        await channel.write_message(step_message(span, tokens=4).to_wire())
+        got = b""
+        for _ in range(60):  # 8 bytes a second: the reply would take minutes
+            chunk = await channel.stream.receive_some(8)
+            if not chunk:
+                break
+            got += chunk
+            await trio.sleep(1)
+        assert trio.current_time() < 10
+        await trio.testing.wait_all_tasks_blocked()
+        assert h.server.budget.used == 0 and len(h.server.sessions) == 0
+
+    run_with_server(span, limits, body, clock=trio.testing.MockClock(autojump_threshold=0.01))
+
+
+def test_a_frame_sent_very_slowly_is_given_up_on(span):
+    limits = ServerLimits(io_timeout=5.0)
+
+    async def body(h):
+        channel = h.connect(protocol="rpc", lockstep=True)
+        frame = wire.encode_frame(wire.Ping(nonce=1).to_wire())
+        await channel.stream.send_all(frame[:6])  # header and a little, then nothing
+        await trio.sleep(6)
+        assert await channel.stream.receive_some(100) == b""  # the server hung up
+
+    run_with_server(span, limits, body, clock=trio.testing.MockClock(autojump_threshold=0.01))

@@ -71,6 +71,7 @@ class BlockServer:
         answering but not the session alive."""
         session: OpenSessionState | None = None
         limits = self.limits
+        self._set_deadlines(channel)
         deadline, why = trio.current_time() + limits.idle_timeout, "idle"
         try:
             while True:
@@ -132,12 +133,18 @@ class BlockServer:
             with trio.CancelScope(shield=True), trio.move_on_after(CLOSE_TIMEOUT):
                 await channel.aclose()
 
+    def _set_deadlines(self, channel: FramedChannel) -> None:
+        """Every frame to or from a peer gets the server's I/O deadline (unless set already)."""
+        if channel.io_timeout is None:
+            channel.io_timeout = self.limits.io_timeout
+
     def _check_accepting(self) -> None:
         """Hook for refusing new sessions (a draining server); accepts by default."""
 
     # ----- forward / backward / info / ping -----------------------------------------
     async def handle_rpc(self, channel: FramedChannel) -> None:
         """Request/reply on one stream (a client may send several requests in turn)."""
+        self._set_deadlines(channel)
         try:
             while True:
                 with trio.move_on_after(self.limits.idle_timeout) as idle:

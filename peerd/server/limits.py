@@ -66,6 +66,13 @@ class ServerLimits:
             "min": 1,
         },
     )
+    io_timeout: float = field(
+        default=60.0,
+        metadata={
+            "help": "Seconds one message may take to reach a peer, or to arrive once begun.",
+            "min": 0.1,
+        },
+    )
     # A session reserves its whole cache when it opens: one that never steps would hold it
     # for the full idle timeout.
     first_step_timeout: float = field(
