@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import threading
+
 import pytest
+import torch
 import trio
 import trio.testing
 from server_harness import MODEL_ID, ServerUnderTest, ask, open_message, step_message
@@ -163,3 +166,72 @@ def test_a_frame_sent_very_slowly_is_given_up_on(span):
         assert await channel.stream.receive_some(100) == b""  # the server hung up
 
     run_with_server(span, limits, body, clock=trio.testing.MockClock(autojump_threshold=0.01))
+
+
+def _forward(span, tokens: int) -> wire.Forward:
+    hidden = step_message(span, tokens=tokens).hidden
+    return wire.Forward(model_id=MODEL_ID, start=span.start, end=span.end, hidden=hidden)
+
+
+def _backward(span, tokens: int) -> wire.Backward:
+    hidden = step_message(span, tokens=tokens).hidden
+    return wire.Backward(
+        model_id=MODEL_ID, start=span.start, end=span.end, hidden=hidden, grad_out=hidden
+    )
+
+
+def test_training_requests_draw_on_a_budget_and_are_refused_busy_beyond_it(span, monkeypatch):
+    limits = ServerLimits(training_tokens=12)
+    release = threading.Event()
+    real_forward = span.forward
+
+    def slow_forward(*args, **kwargs):
+        release.wait(10)
+        return real_forward(*args, **kwargs)
+
+    monkeypatch.setattr(span, "forward", slow_forward)
+
+    async def body(h):
+        first, second, third = (h.connect(protocol="rpc") for _ in range(3))
+        await first.write_message(_forward(span, 8).to_wire())
+        await trio.testing.wait_all_tasks_blocked()
+        assert h.server.runner.training.used == 8
+        refused = await ask(second, _forward(span, 5))
+        assert refused.code == ErrorCode.BUSY and "training budget" in refused.message
+        refused = await ask(third, _backward(span, 3))  # a backward counts twice
+        assert refused.code == ErrorCode.BUSY
+        release.set()
+        assert isinstance(wire.parse_message(await first.read_message()), wire.ForwardResult)
+        assert h.server.runner.training.used == 0
+        assert isinstance(await ask(second, _backward(span, 6)), wire.BackwardResult)
+
+    run_with_server(span, limits, body)
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        MemoryError(),
+        RuntimeError("CUDA out of memory. Tried to allocate 20.00 GiB"),
+        torch.OutOfMemoryError("CUDA out of memory"),
+    ],
+    ids=["MemoryError", "RuntimeError", "OutOfMemoryError"],
+)
+def test_out_of_memory_fails_that_request_only(span, monkeypatch, error):
+    def exhausted(*args, **kwargs):
+        raise error
+
+    monkeypatch.setattr(span, "backward", exhausted)
+
+    async def body(h):
+        session = h.connect(peer_id="b")
+        assert isinstance(await ask(session, open_message(span)), wire.SessionOpened)
+        rpc = h.connect(protocol="rpc")
+        reply = await ask(rpc, _backward(span, 4))
+        assert isinstance(reply, wire.Error) and reply.code == ErrorCode.BUSY
+        assert "out of memory" in reply.message
+        # the same stream and the other session keep working
+        assert isinstance(await ask(rpc, _forward(span, 4)), wire.ForwardResult)
+        assert isinstance(await ask(session, step_message(span)), wire.StepResult)
+
+    run_with_server(span, ServerLimits(), body)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 from wire import DEFAULT_MAX_FRAME, ErrorCode, WireError
@@ -37,6 +39,17 @@ class ServerLimits:
         default=8192,
         metadata={
             "help": "Most batch rows × new tokens in one forward, backward or inference step.",
+            "min": 1,
+        },
+    )
+    # Forward and backward requests hold activations (backward also its recompute and the
+    # gradients) while they wait and compute: they draw on this budget, as sessions do on
+    # the cache budget, and are refused with "busy" beyond it.
+    training_tokens: int = field(
+        default=16384,
+        metadata={
+            "help": "Most batch rows × tokens of forward/backward requests in flight at once "
+            "(a backward counts twice).",
             "min": 1,
         },
     )
@@ -124,6 +137,30 @@ class CacheBudget:
 
     def release(self, tokens: int) -> None:
         self.used = max(0, self.used - tokens)
+
+
+class TokenBudget:
+    """Tokens of work in flight (forward/backward); refuses with "busy" beyond capacity."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self.used = 0
+
+    @contextmanager
+    def hold(self, tokens: int, what: str) -> Iterator[None]:
+        if self.used + tokens > self.capacity:
+            raise RequestRefused(
+                ErrorCode.BUSY,
+                f"server busy: {what} needs {tokens:,} tokens of the training budget, "
+                f"{self.capacity - self.used:,} of {self.capacity:,} are free",
+                free=self.capacity - self.used,
+                asked=tokens,
+            )
+        self.used += tokens
+        try:
+            yield
+        finally:
+            self.used -= tokens
 
 
 def peer_quota(total: int, share: float) -> int:
