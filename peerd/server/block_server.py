@@ -25,6 +25,7 @@ from wire import ErrorCode
 log = logging.getLogger("peerd.server")
 
 CLOSE_TIMEOUT = 2.0  # seconds to close a stream politely before giving up on it
+DRAIN_POLL = 0.05  # seconds between checks whether a draining server's sessions have ended
 
 __all__ = ["INFERENCE_PROTOCOL", "RPC_PROTOCOL", "BlockServer", "OpenSessionState"]
 
@@ -47,6 +48,8 @@ class BlockServer:
         self.runner = SpanRunner(span, model_id, limits)
         self.compute = self.runner.compute
         self.sessions = Sessions(self.runner)
+        self.draining = False  # stopping: open sessions finish, new ones are refused
+        self._requests_in_flight = 0  # forward/backward/info being answered
 
     @property
     def budget(self) -> CacheBudget:
@@ -139,7 +142,21 @@ class BlockServer:
             channel.io_timeout = self.limits.io_timeout
 
     def _check_accepting(self) -> None:
-        """Hook for refusing new sessions (a draining server); accepts by default."""
+        """A draining server takes no new sessions or training requests ("busy": go elsewhere)."""
+        if self.draining:
+            raise RequestRefused(
+                ErrorCode.BUSY, "server shutting down: it finishes open sessions, takes no new ones"
+            )
+
+    async def drain(self, grace: float) -> bool:
+        """Refuse new work and wait (at most `grace` s) for open sessions and requests to
+        end; True when all ended in time."""
+        self.draining = True
+        with trio.move_on_after(grace):
+            while len(self.sessions) or self._requests_in_flight:
+                await trio.sleep(DRAIN_POLL)
+            return True
+        return False
 
     # ----- forward / backward / info / ping -----------------------------------------
     async def handle_rpc(self, channel: FramedChannel) -> None:
@@ -151,12 +168,16 @@ class BlockServer:
                     raw = await channel.read_message()
                 if idle.cancelled_caught:
                     return
+                self._requests_in_flight += 1
                 try:
-                    message = wire.parse_message(raw, max_decoded=self.limits.max_frame)
-                    reply = await self._answer(message)
-                except wire.WireError as exc:  # RequestRefused included
-                    reply = wire.Error.from_exception(exc)
-                await channel.write_message(reply.to_wire())
+                    try:
+                        message = wire.parse_message(raw, max_decoded=self.limits.max_frame)
+                        reply = await self._answer(message)
+                    except wire.WireError as exc:  # RequestRefused included
+                        reply = wire.Error.from_exception(exc)
+                    await channel.write_message(reply.to_wire())
+                finally:
+                    self._requests_in_flight -= 1
         except wire.WireError as exc:
             try:
                 await self._reply_error(channel, exc.code, exc.message, exc.details)
@@ -176,8 +197,10 @@ class BlockServer:
                 record=self.record(), load=self.load(), limits=self.runner.accepts()
             )
         if isinstance(message, wire.Forward):
+            self._check_accepting()
             return await self.runner.forward(message)
         if isinstance(message, wire.Backward):
+            self._check_accepting()
             return await self.runner.backward(message)
         raise RequestRefused(
             ErrorCode.BAD_REQUEST, f"{type(message).__name__} is not a request this protocol serves"

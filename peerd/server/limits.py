@@ -86,6 +86,14 @@ class ServerLimits:
             "min": 0.1,
         },
     )
+    drain_timeout: float = field(
+        default=30.0,
+        metadata={
+            "help": "Seconds a stopping server (SIGTERM) lets open sessions finish, taking "
+            "no new ones, before it exits.",
+            "min": 0,
+        },
+    )
     # A session reserves its whole cache when it opens: one that never steps would hold it
     # for the full idle timeout.
     first_step_timeout: float = field(

@@ -43,6 +43,7 @@ NEXT_RTT_PEERS = 8
 RTT_FIRST_DELAY = 5.0
 RTT_PERIOD = 60.0
 INFO_TIMEOUT = 5.0  # seconds to wait for a server's own word on its blocks
+DRAIN_ANNOUNCE_TIMEOUT = 5.0  # seconds to spend announcing DRAINING
 
 
 class BlockService:
@@ -178,6 +179,27 @@ class BlockService:
             self.throughput.get("block_inference_steps_per_s", 0.0),
             server.budget.capacity,
         )
+
+    async def drain(self) -> None:
+        """Stop taking new sessions, announce DRAINING, let open sessions finish within the
+        grace period (`limits.drain_timeout`): their clients need no replay."""
+        server = self.server
+        if server is None or self.state is State.DRAINING:
+            return
+        grace = self.options.limits.drain_timeout
+        self.state = State.DRAINING
+        server.draining = True
+        self.on_change()
+        log.info("draining: %d sessions open, %.0f s to finish them", len(server.sessions), grace)
+        with trio.move_on_after(min(grace, DRAIN_ANNOUNCE_TIMEOUT) + 1):
+            try:
+                await self.swarm.node.announce(timeout=min(grace, DRAIN_ANNOUNCE_TIMEOUT))
+            except Exception as exc:  # noqa: BLE001 - the OFFLINE announcement still follows
+                log.info("announcing DRAINING failed: %r", exc)
+        if await server.drain(grace):
+            log.info("drained: every session has ended")
+        else:
+            log.info("drain grace over: closing %d sessions", len(server.sessions))
 
     def _load_span(self, start: int, end: int) -> LoadedBlocks:
         """Load with a progress bar on stderr (weights of big models take minutes to read)."""
