@@ -67,3 +67,12 @@ async def serve(svc: BlockService, interval: tuple[int, int]) -> None:
 
 
 __all__ = ["FakeSwarm", "make_service", "serve", "trio"]
+
+
+async def _fake_shutdown(node: FakeNode) -> None:
+    node.shut_down = True
+    node.request_announce()
+
+
+FakeNode.shut_down = False
+FakeNode.shutdown = _fake_shutdown
