@@ -121,6 +121,30 @@ def memory_pipe(buffered_frames: int = 4) -> tuple[MemoryByteStream, MemoryByteS
     return MemoryByteStream(a_send, a_receive), MemoryByteStream(b_send, b_receive)
 
 
+class ByteBudget:
+    """Bytes of frames being read, shared by streams (of one peer): a reader waits for room,
+    so a peer's streams together cannot make us buffer more than `capacity` bytes."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self.used = 0
+        self._changed = trio.Event()
+
+    async def acquire(self, n: int) -> int:
+        """Wait until `n` bytes fit (a frame bigger than the whole budget waits for all of it);
+        returns what was taken, to give to `release`."""
+        n = min(n, self.capacity)
+        while self.used + n > self.capacity:
+            await self._changed.wait()
+        self.used += n
+        return n
+
+    def release(self, n: int) -> None:
+        self.used -= n
+        self._changed.set()
+        self._changed = trio.Event()
+
+
 class FramedChannel:
     """Reads and writes whole messages; enforces the frame cap before reading a payload.
 
@@ -141,6 +165,7 @@ class FramedChannel:
         self.max_frame = max_frame
         self.peer_id = peer_id
         self.io_timeout = io_timeout
+        self.byte_budget: ByteBudget | None = None  # shared by the streams of one peer
         self._buffer = bytearray()
 
     async def _read_exactly(self, n: int) -> bytes:
@@ -160,13 +185,20 @@ class FramedChannel:
     async def read_message(self) -> dict:
         """One decoded msgpack map. Raises WireError (bad frame) or ConnectionLost."""
         length = parse_header(await self._read_exactly(HEADER_SIZE), self.max_frame)
-        if self.io_timeout is None:
-            return decode_payload(await self._read_exactly(length))
-        with trio.move_on_after(self.io_timeout) as late:
-            payload = await self._read_exactly(length)
-        if late.cancelled_caught:
-            await self._give_up(f"a {length:,}-byte frame took over {self.io_timeout:.0f} s")
-        return decode_payload(payload)
+        budget = self.byte_budget
+        timeout = float("inf") if self.io_timeout is None else self.io_timeout
+        held = 0
+        try:
+            with trio.move_on_after(timeout) as late:
+                if budget is not None:
+                    held = await budget.acquire(length)
+                payload = await self._read_exactly(length)
+            if late.cancelled_caught:
+                await self._give_up(f"a {length:,}-byte frame took over {timeout:.0f} s")
+            return decode_payload(payload)
+        finally:
+            if held:
+                budget.release(held)
 
     async def write_message(self, message: dict) -> None:
         await self.write_frame(encode_frame(message))
@@ -196,6 +228,7 @@ class FramedChannel:
 
 
 __all__ = [
+    "ByteBudget",
     "ByteStream",
     "ConnectionLost",
     "FramedChannel",

@@ -94,6 +94,24 @@ class ServerLimits:
             "min": 0,
         },
     )
+    # Enforced on our stream handlers: py-libp2p 0.8.1's resource manager counts only
+    # outbound streams (inbound ones bypass it), though it does limit connections per peer.
+    max_streams_per_peer: int = field(
+        default=64,
+        metadata={
+            "help": "Most inference and RPC streams one peer may have open at once.",
+            "min": 1,
+        },
+    )
+    peer_bytes_in_flight: int = field(
+        default=256 * MIB,
+        metadata={
+            "help": "Most MiB of frames one peer may have us reading at once (more waits).",
+            "flag": "--peer-bytes-in-flight-mib",
+            "scale": MIB,
+            "min": 1,
+        },
+    )
     # A session reserves its whole cache when it opens: one that never steps would hold it
     # for the full idle timeout.
     first_step_timeout: float = field(

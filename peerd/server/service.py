@@ -37,7 +37,7 @@ from peerd.server.block_server import INFERENCE_PROTOCOL, RPC_PROTOCOL, BlockSer
 from peerd.server.confirm import confirmed_entries
 from peerd.server.memory import blocks_that_fit
 from peerd.server.options import ServeOptions  # defined apart: the CLI imports it light
-from peerd.server.streams import contained, peer_channel, refuse_loading
+from peerd.server.streams import PeerAdmission, contained, peer_channel, refuse_loading
 from peerd.swarm import SwarmAccess
 
 log = logging.getLogger("peerd.serve")
@@ -66,6 +66,8 @@ class BlockService:
         self.on_change: Callable[[], None] = lambda: None  # state or interval changed
         self._deferrals = 0
         self._stopping = False  # draining: no move may bring us back ONLINE
+        limits = options.limits
+        self.admission = PeerAdmission(limits.max_streams_per_peer, limits.peer_bytes_in_flight)
 
     # ----- the record ------------------------------------------------------------------
     def record(self) -> ServerRecord | None:
@@ -242,10 +244,12 @@ class BlockService:
         max_frame = self.options.limits.max_frame
 
         async def inference(stream) -> None:
-            await contained(self._handler(INFERENCE_PROTOCOL), peer_channel(stream, max_frame))
+            channel = peer_channel(stream, max_frame)
+            await self.admission.serve(self._handler(INFERENCE_PROTOCOL), channel)
 
         async def rpc(stream) -> None:
-            await contained(self._handler(RPC_PROTOCOL), peer_channel(stream, max_frame))
+            channel = peer_channel(stream, max_frame)
+            await self.admission.serve(self._handler(RPC_PROTOCOL), channel)
 
         node = self.swarm.node
         node.set_stream_handler(INFERENCE_PROTOCOL, inference)

@@ -7,14 +7,18 @@ import logging
 import trio
 
 import wire
-from peerd.framed import FramedChannel, Libp2pByteStream
+from peerd.framed import ByteBudget, FramedChannel, Libp2pByteStream
 
 log = logging.getLogger("peerd.serve")
 
 
 async def refuse_loading(channel: FramedChannel) -> None:
     """Between unloading old blocks and serving new ones: "busy", go elsewhere."""
-    message = "server loading other blocks; not serving yet"
+    await refuse(channel, "server loading other blocks; not serving yet")
+
+
+async def refuse(channel: FramedChannel, message: str) -> None:
+    """Answer "busy" with `message` and hang up."""
     with trio.move_on_after(5):
         await channel.write_message(
             wire.Error(code=wire.ErrorCode.BUSY, message=message, details={}).to_wire()
@@ -40,3 +44,36 @@ async def contained(handler, channel: FramedChannel) -> None:
         log.exception("request handler failed")
         with trio.move_on_after(1):
             await channel.aclose()
+
+
+class PeerAdmission:
+    """Per-peer limits over all our stream handlers: concurrent streams, bytes being read."""
+
+    def __init__(self, max_streams: int, max_bytes: int) -> None:
+        self.max_streams, self.max_bytes = max_streams, max_bytes
+        self._streams: dict[str, int] = {}
+        self._budgets: dict[str, ByteBudget] = {}
+
+    def open_streams(self, peer_id: str) -> int:
+        return self._streams.get(peer_id, 0)
+
+    async def serve(self, handler, channel: FramedChannel) -> None:
+        """Run `handler` on `channel` within its peer's limits (the in-process pipe has none)."""
+        peer = channel.peer_id
+        if peer is None:
+            await contained(handler, channel)
+            return
+        count = self._streams.get(peer, 0)
+        if count >= self.max_streams:
+            log.info("peer %s has %d streams open: refusing another", peer[-8:], count)
+            await refuse(channel, f"too many streams: {count} open, at most {self.max_streams}")
+            return
+        self._streams[peer] = count + 1
+        channel.byte_budget = self._budgets.setdefault(peer, ByteBudget(self.max_bytes))
+        try:
+            await contained(handler, channel)
+        finally:
+            self._streams[peer] -= 1
+            if not self._streams[peer]:
+                del self._streams[peer]
+                del self._budgets[peer]
