@@ -22,7 +22,6 @@ from typing import Any, ClassVar, TypeVar
 
 from .errors import ErrorCode, WireError, bad_request
 from .fields import Spec, decoded_bytes_limit
-from .framing import DEFAULT_MAX_FRAME
 
 PROTOCOL_VERSION = 1
 SUPPORTED_VERSIONS = frozenset({PROTOCOL_VERSION})
@@ -123,12 +122,12 @@ def message_types() -> dict[str, type[Message]]:
     return dict(_REGISTRY)
 
 
-def parse_message(d: object, *, max_decoded: int | None = DEFAULT_MAX_FRAME) -> Message:
+def parse_message(d: object, *, max_decoded: int | None = None) -> Message:
     """The message a decoded frame carries; WireError for anything else.
 
-    `max_decoded` caps the bytes of all its tensors once decoded (the receiver's frame cap;
-    None: no cap): compressed data can expand ~7.5x, and is refused with "too_large" before
-    it is."""
+    `max_decoded` caps the bytes of all its tensors once decoded; receivers pass their frame
+    cap (None: no cap, for callers whose limit is not known here): compressed data can
+    expand ~7.5x, and is refused with "too_large" before it is allocated."""
     if not isinstance(d, dict):
         raise bad_request(f"a message must be a map, got {type(d).__name__}")
     if "v" not in d:

@@ -39,7 +39,7 @@ async def live_entry(swarm, model_id: str, entry: SwarmEntry) -> SwarmEntry | No
     channel = await swarm.connect(entry.peer_id, RPC_PROTOCOL)
     try:
         await channel.write_message(wire.Info().to_wire())
-        reply = wire.parse_message(await channel.read_message())
+        reply = wire.parse_message(await channel.read_message(), max_decoded=channel.max_frame)
     finally:
         await channel.aclose()
     if not isinstance(reply, wire.InfoResult):
