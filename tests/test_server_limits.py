@@ -235,3 +235,30 @@ def test_out_of_memory_fails_that_request_only(span, monkeypatch, error):
         assert isinstance(await ask(session, step_message(span)), wire.StepResult)
 
     run_with_server(span, ServerLimits(), body)
+
+
+def test_out_of_memory_in_a_step_fails_that_step_only(span, monkeypatch):
+    real_step = span.step
+    calls = []
+
+    def sometimes_exhausted(inputs, cache):
+        calls.append(inputs.shape[0])
+        if inputs.shape[0] == 2:  # the big session's steps
+            raise torch.OutOfMemoryError("CUDA out of memory")
+        return real_step(inputs, cache)
+
+    monkeypatch.setattr(span, "step", sometimes_exhausted)
+
+    async def body(h):
+        big, small = h.connect(peer_id="a"), h.connect(peer_id="b")
+        await ask(big, open_message(span, batch_size=2))
+        await ask(small, open_message(span))
+        reply = await ask(big, step_message(span, batch=2))
+        assert reply.code == ErrorCode.BUSY and "out of memory" in reply.message
+        for step_id in range(2):
+            assert isinstance(
+                await ask(small, step_message(span, step_id=step_id)), wire.StepResult
+            )
+        assert len(h.server.sessions) == 2  # the failed one is still open: the client decides
+
+    run_with_server(span, ServerLimits(), body)
