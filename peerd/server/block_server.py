@@ -81,7 +81,9 @@ class BlockServer:
                 with trio.move_on_at(deadline) as idle:
                     raw = await channel.read_message()
                 if idle.cancelled_caught:
-                    timeout = limits.idle_timeout if why == "idle" else limits.first_step_timeout
+                    timeout = limits.idle_timeout
+                    if why != "idle":
+                        timeout = min(limits.first_step_timeout, timeout)
                     message = (
                         f"session idle for {timeout:.0f} s, closed"
                         if why == "idle"
@@ -98,8 +100,8 @@ class BlockServer:
                             )
                         self._check_accepting()
                         session = self.sessions.open_session(message, channel.peer_id)
-                        deadline = trio.current_time() + limits.first_step_timeout
-                        why = "first step"
+                        first = min(limits.first_step_timeout, limits.idle_timeout)
+                        deadline, why = trio.current_time() + first, "first step"
                         reply = self.sessions.opened_reply(session)
                         await channel.write_message(reply.to_wire())
                     elif isinstance(message, wire.Step):

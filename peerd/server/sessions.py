@@ -105,8 +105,12 @@ class Sessions:
             )
         tokens = message.batch_size * message.max_length
         cost = self._budget_cost(tokens, runner.span.cache_bytes_per_token(1, start, end))
-        self._check_peer_quota(peer, cost)
-        self.budget.reserve(cost)
+        self.budget.reserve(cost)  # the server's shortage is said first, then the peer's
+        try:
+            self._check_peer_quota(peer, cost)
+        except RequestRefused:
+            self.budget.release(cost)
+            raise
         try:
             cache = runner.span.new_cache(
                 message.batch_size,
