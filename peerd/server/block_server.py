@@ -25,7 +25,6 @@ from wire import ErrorCode
 log = logging.getLogger("peerd.server")
 
 CLOSE_TIMEOUT = 2.0  # seconds to close a stream politely before giving up on it
-DRAIN_POLL = 0.05  # seconds between checks whether a draining server's sessions have ended
 
 __all__ = ["INFERENCE_PROTOCOL", "RPC_PROTOCOL", "BlockServer", "OpenSessionState"]
 
@@ -50,6 +49,7 @@ class BlockServer:
         self.sessions = Sessions(self.runner)
         self.draining = False  # stopping: open sessions finish, new ones are refused
         self._requests_in_flight = 0  # forward/backward/info being answered
+        self._work_ended = trio.Event()  # set (and renewed) when a session or request ends
 
     @property
     def budget(self) -> CacheBudget:
@@ -135,6 +135,7 @@ class BlockServer:
         finally:
             if session is not None:
                 self.sessions.close_session(session)
+                self._ended()
             with trio.CancelScope(shield=True), trio.move_on_after(CLOSE_TIMEOUT):
                 await channel.aclose()
 
@@ -156,9 +157,13 @@ class BlockServer:
         self.draining = True
         with trio.move_on_after(grace):
             while len(self.sessions) or self._requests_in_flight:
-                await trio.sleep(DRAIN_POLL)
+                await self._work_ended.wait()
             return True
         return False
+
+    def _ended(self) -> None:
+        self._work_ended.set()
+        self._work_ended = trio.Event()
 
     # ----- forward / backward / info / ping -----------------------------------------
     async def handle_rpc(self, channel: FramedChannel) -> None:
@@ -180,6 +185,7 @@ class BlockServer:
                     await channel.write_message(reply.to_wire())
                 finally:
                     self._requests_in_flight -= 1
+                    self._ended()
         except wire.WireError as exc:
             try:
                 await self._reply_error(channel, exc.code, exc.message, exc.details)
