@@ -120,8 +120,15 @@ def run_daemon(daemon: Daemon, log_level: str) -> None:
 
     async def _main() -> None:
         async with trio.open_nursery() as nursery:
+
+            async def run_then_stop(task_status=trio.TASK_STATUS_IGNORED) -> None:
+                try:  # a daemon that stops by itself (a failed move: OFFLINE) ends the process
+                    await daemon.run(task_status=task_status)
+                finally:
+                    nursery.cancel_scope.cancel()
+
             with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-                await nursery.start(daemon.run)
+                await nursery.start(run_then_stop)
                 click.echo(banner(daemon.node.info()))
                 async for signum in signals:
                     logging.getLogger("peerd").info("received %s", signal.Signals(signum).name)

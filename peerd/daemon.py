@@ -75,6 +75,9 @@ class Daemon:
             remove_ready(self.home, os.getpid())
 
     async def shutdown(self) -> None:
+        """A serving daemon drains first (open sessions finish within the grace period)."""
+        if self.blocks is not None and self.node.ready.is_set():
+            await self.blocks.drain()
         await self.node.shutdown()
 
     def _write_ready(self) -> None:

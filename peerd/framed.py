@@ -121,12 +121,51 @@ def memory_pipe(buffered_frames: int = 4) -> tuple[MemoryByteStream, MemoryByteS
     return MemoryByteStream(a_send, a_receive), MemoryByteStream(b_send, b_receive)
 
 
-class FramedChannel:
-    """Reads and writes whole messages; enforces the frame cap before reading a payload."""
+class ByteBudget:
+    """Bytes of frames being read, shared by streams (of one peer): a reader waits for room,
+    so a peer's streams together cannot make us buffer more than `capacity` bytes."""
 
-    def __init__(self, stream: ByteStream, max_frame: int) -> None:
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self.used = 0
+        self._changed = trio.Event()
+
+    async def acquire(self, n: int) -> int:
+        """Wait until `n` bytes fit (a frame bigger than the whole budget waits for all of it);
+        returns what was taken, to give to `release`."""
+        n = min(n, self.capacity)
+        while self.used + n > self.capacity:
+            await self._changed.wait()
+        self.used += n
+        return n
+
+    def release(self, n: int) -> None:
+        self.used -= n
+        self._changed.set()
+        self._changed = trio.Event()
+
+
+class FramedChannel:
+    """Reads and writes whole messages; enforces the frame cap before reading a payload.
+
+    `peer_id` names the other side (a libp2p peer id) for per-peer limits; None is this
+    daemon itself (the in-process pipe) or a test. With `io_timeout` set, writing a frame and
+    reading one once its header has come must each finish within that many seconds, or the
+    stream is reset and ConnectionLost raised: a peer that reads or sends very slowly cannot
+    pin whoever serves it (waiting for a frame to start is the caller's deadline)."""
+
+    def __init__(
+        self,
+        stream: ByteStream,
+        max_frame: int,
+        peer_id: str | None = None,
+        io_timeout: float | None = None,
+    ) -> None:
         self.stream = stream
         self.max_frame = max_frame
+        self.peer_id = peer_id
+        self.io_timeout = io_timeout
+        self.byte_budget: ByteBudget | None = None  # shared by the streams of one peer
         self._buffer = bytearray()
 
     async def _read_exactly(self, n: int) -> bytes:
@@ -146,20 +185,50 @@ class FramedChannel:
     async def read_message(self) -> dict:
         """One decoded msgpack map. Raises WireError (bad frame) or ConnectionLost."""
         length = parse_header(await self._read_exactly(HEADER_SIZE), self.max_frame)
-        return decode_payload(await self._read_exactly(length))
+        budget = self.byte_budget
+        timeout = float("inf") if self.io_timeout is None else self.io_timeout
+        held = 0
+        try:
+            with trio.move_on_after(timeout) as late:
+                if budget is not None:
+                    held = await budget.acquire(length)
+                payload = await self._read_exactly(length)
+            if late.cancelled_caught:
+                await self._give_up(f"a {length:,}-byte frame took over {timeout:.0f} s")
+            return decode_payload(payload)
+        finally:
+            if held:
+                budget.release(held)
 
     async def write_message(self, message: dict) -> None:
-        await self.stream.send_all(encode_frame(message))
+        await self.write_frame(encode_frame(message))
 
     async def write_frame(self, frame: bytes) -> None:
         """Send a frame encoded beforehand (so that encoding errors stay the sender's own)."""
-        await self.stream.send_all(frame)
+        if self.io_timeout is None:
+            await self.stream.send_all(frame)
+            return
+        with trio.move_on_after(self.io_timeout) as late:
+            await self.stream.send_all(frame)
+        if late.cancelled_caught:
+            await self._give_up(f"writing {len(frame):,} bytes took over {self.io_timeout:.0f} s")
+
+    async def _give_up(self, why: str) -> None:
+        """The stream is stuck mid-frame: reset it (or close it) and report it lost."""
+        reset = getattr(self.stream, "reset", None)
+        with trio.move_on_after(1):
+            if reset is not None:
+                await reset()
+            else:
+                await self.stream.aclose()
+        raise ConnectionLost(f"peer too slow: {why}")
 
     async def aclose(self) -> None:
         await self.stream.aclose()
 
 
 __all__ = [
+    "ByteBudget",
     "ByteStream",
     "ConnectionLost",
     "FramedChannel",

@@ -5,6 +5,9 @@ Choices, measured on py-libp2p 0.8.1 (see shared/LIBP2P-NOTES.md and the report)
   secio peers, which would let sessions run unencrypted.
 - yamux only (mplex is 5-10x slower for bulk data in this version).
 - TCP only: QUIC v1 here is slower for bulk data and flaky on quick reconnects.
+- py-libp2p's resource manager limits connections (per peer, pending, total) and is given
+  explicitly, with our figures; it does not count inbound streams (0.8.1 checks only
+  outbound ones), so per-peer stream limits live in our handlers (peerd/server/streams.py).
 - `max_connections_per_peer=1` ends the happy-eyeballs wait as soon as one dial succeeds;
   with the default (3) every successful dial waits a fixed 250 ms.
 """
@@ -22,6 +25,8 @@ from libp2p.crypto.keys import KeyPair
 from libp2p.crypto.x25519 import create_new_key_pair as create_x25519_key_pair
 from libp2p.custom_types import TProtocol
 from libp2p.network.config import ConnectionConfig
+from libp2p.rcmgr import new_resource_manager
+from libp2p.rcmgr.connection_limits import ConnectionLimits
 from libp2p.security.noise.transport import PROTOCOL_ID as NOISE_PROTOCOL_ID
 from libp2p.security.noise.transport import Transport as NoiseTransport
 from libp2p.stream_muxer.yamux.yamux import PROTOCOL_ID as YAMUX_PROTOCOL_ID
@@ -29,6 +34,15 @@ from libp2p.stream_muxer.yamux.yamux import Yamux
 from libp2p.utils.address_validation import expand_wildcard_address
 
 WILDCARDS = ("0.0.0.0", "::")
+
+CONNECTION_LIMITS = ConnectionLimits(
+    max_pending_inbound=64,  # handshakes under way: a flood of half-open dials waits
+    max_pending_outbound=64,
+    max_established_inbound=512,
+    max_established_outbound=256,
+    max_established_per_peer=4,  # we keep one per peer; a relayed one and a redial besides
+    max_established_total=768,
+)
 
 
 class ListenError(OSError):
@@ -95,6 +109,7 @@ def make_host(
         connection_config=ConnectionConfig(max_connections_per_peer=1, dial_timeout=dial_timeout),
         addrs_factory=advertised,
         enable_quic=False,
+        resource_manager=new_resource_manager(connection_limits=CONNECTION_LIMITS),
     )
     built.append(host_obj)
     return host_obj

@@ -24,6 +24,7 @@ from libp2p.peer.id import ID
 from libp2p.records.validator import Validator
 
 from peerd import __version__
+from wire import PROTOCOL_VERSION, SUPPORTED_VERSIONS
 
 NAMESPACE = "peerd"
 SERVER_KEY_PREFIX = f"/{NAMESPACE}/s/"
@@ -43,6 +44,7 @@ class InvalidRecord(ValueError):
 class State(str, Enum):
     JOINING = "JOINING"
     ONLINE = "ONLINE"
+    DRAINING = "DRAINING"  # shutting down: finishes open sessions, takes no new ones
     OFFLINE = "OFFLINE"
 
 
@@ -67,6 +69,9 @@ class ServerRecord:
     next_rtts: dict[str, float] = field(default_factory=dict)  # peer id -> seconds
     adapters: tuple[str, ...] = ()  # adapters served besides the base weights (none yet)
     version: str = __version__
+    # The wire protocol the server speaks (records without it predate the field: version 1);
+    # a record of a version we do not speak is not live for us: no chain or balancing uses it.
+    protocol: int = PROTOCOL_VERSION
     addrs: tuple[str, ...] = ()  # multiaddrs to reach this server (relayed ones included)
     seq: int = 0  # higher wins; announcers use a clock so restarts keep increasing
     expires_at: float = 0.0  # unix time
@@ -75,9 +80,19 @@ class ServerRecord:
     def model_name(self) -> str:
         return self.model_id.split("@", 1)[0]
 
+    @property
+    def compatible(self) -> bool:
+        """Whether we speak the server's wire protocol."""
+        return self.protocol in SUPPORTED_VERSIONS
+
     def is_live(self, now: float | None = None) -> bool:
+        """Usable for new sessions: compatible, not expired, not OFFLINE or DRAINING."""
         now = time.time() if now is None else now
-        return self.state is not State.OFFLINE and self.expires_at > now
+        return (
+            self.compatible
+            and self.state not in (State.OFFLINE, State.DRAINING)
+            and self.expires_at > now
+        )
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -113,7 +128,7 @@ class ServerRecord:
         if not (name and sep and fingerprint):
             raise InvalidRecord(f"model_id {self.model_id!r} is not <name>@<fingerprint>")
         _text(self.peer_id, "peer_id")
-        for name in ("start", "end", "num_blocks", "free_cache_tokens", "seq"):
+        for name in ("start", "end", "num_blocks", "free_cache_tokens", "seq", "protocol"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise InvalidRecord(f"{name} must be a non-negative integer, got {value!r}")

@@ -71,6 +71,7 @@ def swarm(tmp_path_factory):
             for name in SERVERS
         }
         limited = ["--max-sessions", str(LIMITS_MAX_SESSIONS), "--idle-timeout", str(LIMITS_IDLE)]
+        limited += ["--peer-share", "1"]  # the test's one peer may fill the server
         limits = group.spawn(
             "limits", str(small), "--blocks", "0:2", "--rebalance-period", "0", *join, *limited,
             command="serve",

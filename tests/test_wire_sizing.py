@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import wire
-from wire.sizing import BATCH, SEQUENCE
+from wire.sizing import BATCH, SEQUENCE, counted_bytes
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
@@ -35,7 +35,7 @@ def test_cut_pieces_fit_the_frame_and_are_not_needlessly_small(
         assert exc.code == "too_large"
         one = list(shape)
         one[dim] = 1
-        assert wire.tensor_bytes(one, dtype, compression) > extra
+        assert counted_bytes(one, dtype, compression) > extra
         return
     x = torch.randn(shape).to(dtype)
     for piece in wire.cuts(shape[dim], rows):
@@ -45,7 +45,7 @@ def test_cut_pieces_fit_the_frame_and_are_not_needlessly_small(
     if rows < shape[dim]:  # one more row would not have fitted the budget
         more = list(shape)
         more[dim] = rows + 1
-        assert wire.tensor_bytes(more, dtype, compression) > extra
+        assert counted_bytes(more, dtype, compression) > extra
 
 
 def test_tensor_bytes_is_what_the_codec_sends():

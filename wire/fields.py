@@ -9,6 +9,9 @@ from __future__ import annotations
 import dataclasses
 import re
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from typing import Any
 
 from .errors import ErrorCode, WireError, bad_request
@@ -17,6 +20,23 @@ from .names import COMPRESSIONS, FLOATING_DTYPES, MAX_NDIM
 
 INT64_MIN, UINT64_MAX = -(2**63), 2**64 - 1  # what msgpack can carry
 MAX_LIST = 4096
+
+
+_decode_room: ContextVar[list[int] | None] = ContextVar("decode_room", default=None)
+
+
+@contextmanager
+def decoded_bytes_limit(limit: int | None) -> Iterator[None]:
+    """Within this block, the tensors decoded (all together) may take at most `limit` bytes.
+
+    `parse_message` sets it to the receiver's frame cap: a frame's tensors can expand many
+    times over once decoded (int8 codes declared as float64), and that must not let a peer
+    make us allocate more than the frame cap allows."""
+    token = _decode_room.set(None if limit is None else [limit])
+    try:
+        yield
+    finally:
+        _decode_room.reset(token)
 
 
 class Spec:
@@ -110,10 +130,13 @@ class TensorSpec(Spec):
             from .tensors import decode_tensor  # torch loads with the first tensor received
         except ImportError as exc:
             raise WireError(ErrorCode.INTERNAL, f"{where}: decoding tensors needs torch") from exc
+        room = _decode_room.get()
         try:
-            tensor = decode_tensor(value)
+            tensor = decode_tensor(value, None if room is None else room[0])
         except WireError as exc:  # say which field held the bad tensor
             raise WireError(exc.code, f"{where}: {exc.message}", exc.details) from None
+        if room is not None:
+            room[0] -= tensor.nbytes
         self.check(where, tensor)
         return tensor
 

@@ -21,7 +21,7 @@ import sys
 from typing import Any, ClassVar, TypeVar
 
 from .errors import ErrorCode, WireError, bad_request
-from .fields import Spec
+from .fields import Spec, decoded_bytes_limit
 
 PROTOCOL_VERSION = 1
 SUPPORTED_VERSIONS = frozenset({PROTOCOL_VERSION})
@@ -122,8 +122,12 @@ def message_types() -> dict[str, type[Message]]:
     return dict(_REGISTRY)
 
 
-def parse_message(d: object) -> Message:
-    """The message a decoded frame carries; WireError for anything else."""
+def parse_message(d: object, *, max_decoded: int | None = None) -> Message:
+    """The message a decoded frame carries; WireError for anything else.
+
+    `max_decoded` caps the bytes of all its tensors once decoded; receivers pass their frame
+    cap (None: no cap, for callers whose limit is not known here): compressed data can
+    expand ~7.5x, and is refused with "too_large" before it is allocated."""
     if not isinstance(d, dict):
         raise bad_request(f"a message must be a map, got {type(d).__name__}")
     if "v" not in d:
@@ -143,7 +147,8 @@ def parse_message(d: object) -> Message:
     cls = _REGISTRY.get(kind) if isinstance(kind, str) else None
     if cls is None:
         raise bad_request(f"unknown message type {kind!r}"[:200])
-    return cls.from_wire(d)
+    with decoded_bytes_limit(max_decoded):
+        return cls.from_wire(d)
 
 
 def _same(a: Any, b: Any) -> bool:

@@ -51,6 +51,12 @@ def tensor_bytes(shape: Sequence[int], dtype: object, compression: str = "none")
     return blocks * INT8_BLOCK + blocks * 4
 
 
+def counted_bytes(shape: Sequence[int], dtype: object, compression: str = "none") -> int:
+    """What a tensor counts against a receiver's frame limit: the larger of its bytes on the
+    wire and its decoded bytes (receivers cap both, as compressed data expands when decoded)."""
+    return max(tensor_bytes(shape, dtype, compression), tensor_bytes(shape, dtype))
+
+
 def int_list_bytes(length: int) -> int:
     """Upper bound of a msgpack array of `length` integers."""
     return 5 + INT_LIST_ITEM_BYTES * length
@@ -97,7 +103,7 @@ def rows_per_frame(
 
     def frame_size(n: int) -> int:
         row_shape[dim] = n
-        data = tensors * tensor_bytes(row_shape, dtype, compression)
+        data = tensors * counted_bytes(row_shape, dtype, compression)
         return ENVELOPE_BYTES + fixed_bytes + data + n * row_extra_bytes
 
     if frame_size(rows) > max_frame:  # the largest count that fits: sizes grow with the count

@@ -16,6 +16,11 @@ used without a copy. For compressed tensors that copy is of the compressed bytes
 Decoded tensors are writable, contiguous and on the CPU; they own their memory unless they
 were decoded zero-copy from a writable buffer the caller passed in.
 
+A decoded tensor can be much bigger than the bytes that carried it (int8 codes declared as
+float64 expand ~7.5x, float16 data declared as float64 4x), so `decode_tensor` also takes a
+cap on the decoded bytes (`max_bytes`, the receiver's frame cap when parsed through
+`parse_message`) and refuses a bigger tensor with "too_large" before allocating anything.
+
 Bytes are in the host's order, which is little-endian on every platform torch supports.
 """
 
@@ -26,7 +31,7 @@ from typing import Any
 import torch
 
 from .compression import INT8_BLOCK, dequantize_int8, quantize_int8, to_float16
-from .errors import bad_request
+from .errors import ErrorCode, WireError, bad_request
 from .names import COMPRESSIONS, DTYPE_NAMES, MAX_DIM, MAX_NDIM
 
 DTYPES: dict[str, torch.dtype] = {name: getattr(torch, name) for name in DTYPE_NAMES}
@@ -65,8 +70,10 @@ def encode_tensor(t: torch.Tensor, compression: str = "none") -> dict[str, Any]:
     return obj
 
 
-def decode_tensor(obj: object) -> torch.Tensor:
-    """The tensor described by a map from `encode_tensor`; raises WireError on any flaw."""
+def decode_tensor(obj: object, max_bytes: int | None = None) -> torch.Tensor:
+    """The tensor described by a map from `encode_tensor`; raises WireError on any flaw.
+
+    `max_bytes` caps the decoded tensor's size (checked before any allocation)."""
     if not isinstance(obj, dict):
         raise bad_request(f"a tensor must be a map, got {type(obj).__name__}")
     compression = obj.get("compression")
@@ -85,6 +92,13 @@ def decode_tensor(obj: object) -> torch.Tensor:
     if dtype is None:
         raise bad_request(f"tensor has unknown dtype {name!r}")
     shape, numel = _shape(obj["shape"])
+    decoded = numel * dtype.itemsize
+    if max_bytes is not None and decoded > max_bytes:
+        raise WireError(
+            ErrorCode.TOO_LARGE,
+            f"tensor {list(shape)} {name} decodes to {decoded:,} bytes; the limit is {max_bytes:,}",
+            {"size": decoded, "limit": max_bytes},
+        )
     data = _buffer(obj["data"], "data")
     if compression == "none":
         flat = _decode_raw(data, dtype, numel)

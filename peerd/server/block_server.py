@@ -24,6 +24,8 @@ from wire import ErrorCode
 
 log = logging.getLogger("peerd.server")
 
+CLOSE_TIMEOUT = 2.0  # seconds to close a stream politely before giving up on it
+
 __all__ = ["INFERENCE_PROTOCOL", "RPC_PROTOCOL", "BlockServer", "OpenSessionState"]
 
 
@@ -45,6 +47,9 @@ class BlockServer:
         self.runner = SpanRunner(span, model_id, limits)
         self.compute = self.runner.compute
         self.sessions = Sessions(self.runner)
+        self.draining = False  # stopping: open sessions finish, new ones are refused
+        self._requests_in_flight = 0  # forward/backward/info being answered
+        self._work_ended = trio.Event()  # set (and renewed) when a session or request ends
 
     @property
     def budget(self) -> CacheBudget:
@@ -62,26 +67,41 @@ class BlockServer:
 
     # ----- inference sessions ---------------------------------------------------------
     async def handle_inference(self, channel: FramedChannel) -> None:
-        """One long-lived stream per client session: open, steps, close."""
+        """One long-lived stream per client session: open, steps, close.
+
+        The session is closed (its cache freed) when no Step comes within the idle timeout,
+        or no first step within the shorter first-step timeout; pings keep the stream
+        answering but not the session alive."""
         session: OpenSessionState | None = None
+        limits = self.limits
+        self._set_deadlines(channel)
+        deadline, why = trio.current_time() + limits.idle_timeout, "idle"
         try:
             while True:
-                timeout = self.limits.idle_timeout
-                with trio.move_on_after(timeout) as idle:
+                with trio.move_on_at(deadline) as idle:
                     raw = await channel.read_message()
                 if idle.cancelled_caught:
-                    await self._reply_error(
-                        channel, ErrorCode.TIMEOUT, f"session idle for {timeout:.0f} s, closed", {}
+                    timeout = limits.idle_timeout
+                    if why != "idle":
+                        timeout = min(limits.first_step_timeout, timeout)
+                    message = (
+                        f"session idle for {timeout:.0f} s, closed"
+                        if why == "idle"
+                        else f"no first step within {timeout:.0f} s of opening, session closed"
                     )
+                    await self._reply_error(channel, ErrorCode.TIMEOUT, message, {})
                     return
                 try:
-                    message = wire.parse_message(raw)
+                    message = wire.parse_message(raw, max_decoded=limits.max_frame)
                     if isinstance(message, wire.OpenSession):
                         if session is not None:
                             raise RequestRefused(
                                 ErrorCode.BAD_REQUEST, "session already open on this stream"
                             )
-                        session = self.sessions.open_session(message)
+                        self._check_accepting()
+                        session = self.sessions.open_session(message, channel.peer_id)
+                        first = min(limits.first_step_timeout, limits.idle_timeout)
+                        deadline, why = trio.current_time() + first, "first step"
                         reply = self.sessions.opened_reply(session)
                         await channel.write_message(reply.to_wire())
                     elif isinstance(message, wire.Step):
@@ -89,7 +109,9 @@ class BlockServer:
                             raise RequestRefused(
                                 ErrorCode.UNKNOWN_SESSION, "step before the session was opened"
                             )
+                        deadline, why = trio.current_time() + limits.idle_timeout, "idle"
                         result = await self.sessions.step(session, message)
+                        deadline = trio.current_time() + limits.idle_timeout
                         await channel.write_message(result.to_wire())
                     elif isinstance(message, wire.CloseSession):
                         return
@@ -113,22 +135,57 @@ class BlockServer:
         finally:
             if session is not None:
                 self.sessions.close_session(session)
-            await channel.aclose()
+                self._ended()
+            with trio.CancelScope(shield=True), trio.move_on_after(CLOSE_TIMEOUT):
+                await channel.aclose()
+
+    def _set_deadlines(self, channel: FramedChannel) -> None:
+        """Every frame to or from a peer gets the server's I/O deadline (unless set already)."""
+        if channel.io_timeout is None:
+            channel.io_timeout = self.limits.io_timeout
+
+    def _check_accepting(self) -> None:
+        """A draining server takes no new sessions or training requests ("busy": go elsewhere)."""
+        if self.draining:
+            raise RequestRefused(
+                ErrorCode.BUSY, "server shutting down: it finishes open sessions, takes no new ones"
+            )
+
+    async def drain(self, grace: float) -> bool:
+        """Refuse new work and wait (at most `grace` s) for open sessions and requests to
+        end; True when all ended in time."""
+        self.draining = True
+        with trio.move_on_after(grace):
+            while len(self.sessions) or self._requests_in_flight:
+                await self._work_ended.wait()
+            return True
+        return False
+
+    def _ended(self) -> None:
+        self._work_ended.set()
+        self._work_ended = trio.Event()
 
     # ----- forward / backward / info / ping -----------------------------------------
     async def handle_rpc(self, channel: FramedChannel) -> None:
         """Request/reply on one stream (a client may send several requests in turn)."""
+        self._set_deadlines(channel)
         try:
             while True:
                 with trio.move_on_after(self.limits.idle_timeout) as idle:
                     raw = await channel.read_message()
                 if idle.cancelled_caught:
                     return
+                self._requests_in_flight += 1
                 try:
-                    reply = await self._answer(wire.parse_message(raw))
-                except wire.WireError as exc:  # RequestRefused included
-                    reply = wire.Error.from_exception(exc)
-                await channel.write_message(reply.to_wire())
+                    try:
+                        message = wire.parse_message(raw, max_decoded=self.limits.max_frame)
+                        reply = await self._answer(message)
+                    except wire.WireError as exc:  # RequestRefused included
+                        reply = wire.Error.from_exception(exc)
+                    await channel.write_message(reply.to_wire())
+                finally:
+                    self._requests_in_flight -= 1
+                    self._ended()
         except wire.WireError as exc:
             try:
                 await self._reply_error(channel, exc.code, exc.message, exc.details)
@@ -137,7 +194,8 @@ class BlockServer:
         except ConnectionLost:
             pass
         finally:
-            await channel.aclose()
+            with trio.CancelScope(shield=True), trio.move_on_after(CLOSE_TIMEOUT):
+                await channel.aclose()
 
     async def _answer(self, message: wire.Message) -> wire.Message:
         if isinstance(message, wire.Ping):
@@ -147,8 +205,10 @@ class BlockServer:
                 record=self.record(), load=self.load(), limits=self.runner.accepts()
             )
         if isinstance(message, wire.Forward):
+            self._check_accepting()
             return await self.runner.forward(message)
         if isinstance(message, wire.Backward):
+            self._check_accepting()
             return await self.runner.backward(message)
         raise RequestRefused(
             ErrorCode.BAD_REQUEST, f"{type(message).__name__} is not a request this protocol serves"

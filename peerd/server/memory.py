@@ -60,3 +60,21 @@ def blocks_that_fit(config: ModelConfig, options: _Sizing) -> int:
         cache / 2**20,
     )
     return max(1, fit)
+
+
+def span_bytes(config: ModelConfig, options: _Sizing, num_blocks: int) -> float:
+    """Memory a span of `num_blocks` takes once loaded: weights plus its KV-cache budget."""
+    per_block = block_bytes(config, options.dtype, options.quant)
+    cache = options.limits.cache_tokens * cache_bytes_per_token_per_block(config, options.dtype)
+    return num_blocks * (per_block + cache)
+
+
+def span_fits(config: ModelConfig, options: _Sizing, num_blocks: int) -> bool:
+    """Whether a span of `num_blocks` fits in the memory free now (within the headroom):
+    a server that moves loads its new span beside the old one only when it does."""
+    need = span_bytes(config, options, num_blocks)
+    free = free_bytes(torch.device(options.device))
+    log.info(
+        "a span of %d blocks needs %.0f MiB; %.0f MiB free", num_blocks, need / 2**20, free / 2**20
+    )
+    return need <= free * MEMORY_HEADROOM

@@ -16,7 +16,7 @@ import trio
 
 import wire
 from blocks import BlockRangeError, BlocksError, InputError, LoadedBlocks
-from peerd.server.limits import RequestRefused, ServerLimits
+from peerd.server.limits import RequestRefused, ServerLimits, TokenBudget
 from peerd.server.priority import TRAINING, ComputeQueue
 from wire import ErrorCode
 
@@ -29,6 +29,7 @@ class SpanRunner:
         self.model_id = model_id
         self.limits = limits
         self.compute = ComputeQueue()
+        self.training = TokenBudget(limits.training_tokens)
         self.requests_served = 0
 
     @property
@@ -83,7 +84,15 @@ class SpanRunner:
             raise RequestRefused(
                 ErrorCode.BAD_REQUEST, f"expected floating-point tensor, got {tensor.dtype}"
             )
-        return tensor.to(device=self.span.device, dtype=self.span.dtype)
+        try:
+            return tensor.to(device=self.span.device, dtype=self.span.dtype)
+        except (MemoryError, RuntimeError) as exc:
+            if not is_out_of_memory(exc):
+                raise
+            self._free_device_memory()
+            raise RequestRefused(
+                ErrorCode.BUSY, "server out of memory receiving this request; retry elsewhere"
+            ) from None
 
     async def run(self, priority: int, fn: Callable[[], Any]) -> Any:
         try:
@@ -97,8 +106,22 @@ class SpanRunner:
             raise RequestRefused(ErrorCode.OUT_OF_RANGE, str(exc)) from exc
         except (InputError, BlocksError) as exc:
             raise RequestRefused(ErrorCode.BAD_REQUEST, str(exc)) from exc
+        except (MemoryError, RuntimeError) as exc:  # torch.OutOfMemoryError is a RuntimeError
+            if not is_out_of_memory(exc):
+                raise
+            self._free_device_memory()
+            raise RequestRefused(
+                ErrorCode.BUSY,
+                f"server out of memory running this request ({type(exc).__name__}); "
+                "retry smaller or elsewhere",
+            ) from None
         self.requests_served += 1
         return result
+
+    def _free_device_memory(self) -> None:
+        """After an OOM: hand the allocator's cached blocks back, so the next request fits."""
+        if self.span.device.type == "cuda":
+            torch.cuda.empty_cache()
 
     # ----- stateless forward / backward -----------------------------------------------
     async def forward(self, message: wire.Forward) -> wire.ForwardResult:
@@ -108,10 +131,12 @@ class SpanRunner:
         hidden = self.to_compute(message.hidden)
         prompts = None if message.prompts is None else self.to_compute(message.prompts)
         pads = message.pad_lengths
-        output = await self.run(
-            TRAINING,
-            lambda: self.span.forward(hidden, prompts, start, end, pad_lengths=pads),
-        )
+        tokens = message.hidden.shape[0] * message.hidden.shape[1]
+        with self.training.hold(tokens, "this forward"):
+            output = await self.run(
+                TRAINING,
+                lambda: self.span.forward(hidden, prompts, start, end, pad_lengths=pads),
+            )
         return wire.ForwardResult(hidden=output.cpu(), compression=message.compression)
 
     async def backward(self, message: wire.Backward) -> wire.BackwardResult:
@@ -128,12 +153,22 @@ class SpanRunner:
         grad_out = self.to_compute(message.grad_out)
         prompts = None if message.prompts is None else self.to_compute(message.prompts)
         pads = message.pad_lengths
-        grad_hidden, grad_prompts = await self.run(
-            TRAINING,
-            lambda: self.span.backward(hidden, grad_out, prompts, start, end, pad_lengths=pads),
-        )
+        tokens = 2 * message.hidden.shape[0] * message.hidden.shape[1]  # recompute + gradients
+        with self.training.hold(tokens, "this backward"):
+            grad_hidden, grad_prompts = await self.run(
+                TRAINING,
+                lambda: self.span.backward(hidden, grad_out, prompts, start, end, pad_lengths=pads),
+            )
         return wire.BackwardResult(
             grad_hidden=grad_hidden.cpu(),
             grad_prompts=None if grad_prompts is None else grad_prompts.cpu(),
             compression=message.compression,
         )
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """True for the errors torch and Python raise when an allocation fails (CPU or CUDA)."""
+    oom = getattr(torch, "OutOfMemoryError", None)
+    if isinstance(exc, MemoryError) or (oom is not None and isinstance(exc, oom)):
+        return True
+    return isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()

@@ -8,14 +8,15 @@ ONLINE → every rebalance period, ask `should_move` and move when the swarm gai
 
 from __future__ import annotations
 
+import gc
 import logging
 import random
 import time
 from collections.abc import Callable
 
+import torch
 import trio
 
-import wire
 from balancing import (
     DEFAULT_MAX_DEFERRALS,
     SwarmEntry,
@@ -30,11 +31,13 @@ from blocks import (
     load_config,
     measure_throughput,
 )
-from peerd.framed import FramedChannel, Libp2pByteStream
 from peerd.records import ServerRecord, State
+from peerd.server import memory
 from peerd.server.block_server import INFERENCE_PROTOCOL, RPC_PROTOCOL, BlockServer
+from peerd.server.confirm import confirmed_entries
 from peerd.server.memory import blocks_that_fit
 from peerd.server.options import ServeOptions  # defined apart: the CLI imports it light
+from peerd.server.streams import PeerAdmission, contained, peer_channel, refuse_loading
 from peerd.swarm import SwarmAccess
 
 log = logging.getLogger("peerd.serve")
@@ -42,7 +45,8 @@ log = logging.getLogger("peerd.serve")
 NEXT_RTT_PEERS = 8
 RTT_FIRST_DELAY = 5.0
 RTT_PERIOD = 60.0
-INFO_TIMEOUT = 5.0  # seconds to wait for a server's own word on its blocks
+RELEASE_GRACE = 10.0  # most seconds a move waits for the sessions of blocks it must unload
+DRAIN_ANNOUNCE_TIMEOUT = 5.0  # seconds to spend announcing DRAINING
 
 
 class BlockService:
@@ -61,6 +65,9 @@ class BlockService:
         self.online = trio.Event()
         self.on_change: Callable[[], None] = lambda: None  # state or interval changed
         self._deferrals = 0
+        self._stopping = False  # draining: no move may bring us back ONLINE
+        limits = options.limits
+        self.admission = PeerAdmission(limits.max_streams_per_peer, limits.peer_bytes_in_flight)
 
     # ----- the record ------------------------------------------------------------------
     def record(self) -> ServerRecord | None:
@@ -139,8 +146,11 @@ class BlockService:
             return float(self.throughput["block_inference_steps_per_s"])
         return sorted(e.throughput for e in swarm)[len(swarm) // 2] if swarm else 1.0
 
-    async def _load_and_serve(self, interval: tuple[int, int]) -> None:
+    async def _load_and_serve(self, interval: tuple[int, int]) -> bool:
+        """Load `interval` and serve it; False when the daemon started draining meanwhile."""
         opts = self.options
+        if self._stopping:
+            return False
         self.interval, self.state = interval, State.JOINING
         self.swarm.node.request_announce()
         self.on_change()
@@ -156,6 +166,8 @@ class BlockService:
             opts.device,
         )
         span = await trio.to_thread.run_sync(lambda: self._load_span(start, end))
+        if self._stopping:  # drained while loading: these blocks will never serve
+            return False
         log.info(
             "loaded %d blocks (%.0f MiB) in %.1f s",
             end - start,
@@ -178,6 +190,31 @@ class BlockService:
             self.throughput.get("block_inference_steps_per_s", 0.0),
             server.budget.capacity,
         )
+        return True
+
+    async def drain(self) -> None:
+        """Stop taking new sessions, announce DRAINING, let open sessions finish within the
+        grace period (`limits.drain_timeout`): their clients need no replay."""
+        server = self.server
+        if self._stopping:
+            return
+        self._stopping = True
+        if server is None:
+            return
+        grace = self.options.limits.drain_timeout
+        self.state = State.DRAINING
+        server.draining = True
+        self.on_change()
+        log.info("draining: %d sessions open, %.0f s to finish them", len(server.sessions), grace)
+        with trio.move_on_after(min(grace, DRAIN_ANNOUNCE_TIMEOUT) + 1):
+            try:
+                await self.swarm.node.announce(timeout=min(grace, DRAIN_ANNOUNCE_TIMEOUT))
+            except Exception as exc:  # noqa: BLE001 - the OFFLINE announcement still follows
+                log.info("announcing DRAINING failed: %r", exc)
+        if await server.drain(grace):
+            log.info("drained: every session has ended")
+        else:
+            log.info("drain grace over: closing %d sessions", len(server.sessions))
 
     def _load_span(self, start: int, end: int) -> LoadedBlocks:
         """Load with a progress bar on stderr (weights of big models take minutes to read)."""
@@ -207,22 +244,29 @@ class BlockService:
         max_frame = self.options.limits.max_frame
 
         async def inference(stream) -> None:
-            await _contained(
-                self.server.handle_inference, FramedChannel(Libp2pByteStream(stream), max_frame)
-            )
+            channel = peer_channel(stream, max_frame)
+            await self.admission.serve(self._handler(INFERENCE_PROTOCOL), channel)
 
         async def rpc(stream) -> None:
-            await _contained(
-                self.server.handle_rpc, FramedChannel(Libp2pByteStream(stream), max_frame)
-            )
+            channel = peer_channel(stream, max_frame)
+            await self.admission.serve(self._handler(RPC_PROTOCOL), channel)
 
         node = self.swarm.node
         node.set_stream_handler(INFERENCE_PROTOCOL, inference)
         node.set_stream_handler(RPC_PROTOCOL, rpc)
-        self.swarm.local_handlers[INFERENCE_PROTOCOL] = lambda ch: _contained(
-            self.server.handle_inference, ch
+        self.swarm.local_handlers[INFERENCE_PROTOCOL] = lambda ch: contained(
+            self._handler(INFERENCE_PROTOCOL), ch
         )
-        self.swarm.local_handlers[RPC_PROTOCOL] = lambda ch: _contained(self.server.handle_rpc, ch)
+        self.swarm.local_handlers[RPC_PROTOCOL] = lambda ch: contained(
+            self._handler(RPC_PROTOCOL), ch
+        )
+
+    def _handler(self, protocol: str):
+        """The current server's handler of `protocol` (a refusal while none serves)."""
+        server = self.server
+        if server is None:
+            return refuse_loading
+        return server.handle_inference if protocol == INFERENCE_PROTOCOL else server.handle_rpc
 
     async def _rtt_loop(self) -> None:
         await trio.sleep(RTT_FIRST_DELAY)
@@ -253,8 +297,73 @@ class BlockService:
                 pending = new
                 continue
             pending = None
+            if self._stopping:
+                return
             log.info("rebalancing: moving from blocks %d:%d to %d:%d", *self.interval, *new)
-            await self._load_and_serve(new)
+            await self._move(new)
+
+    async def _move(self, new: tuple[int, int]) -> None:
+        """Serve `new` instead of our blocks, never running out of memory nor dying of an error.
+
+        The new span is loaded beside the old one (which serves on meanwhile) only when it
+        fits in the memory free now; else the old one is released first (its sessions get
+        RELEASE_GRACE to end) and we announce JOINING. When loading fails we go on serving
+        the old span if it is still loaded, else announce OFFLINE and stop the daemon."""
+        old_server, old_interval = self.server, self.interval
+        size = new[1] - new[0]
+        fits = await trio.to_thread.run_sync(
+            lambda: memory.span_fits(self.config, self.options, size)
+        )
+        if not fits and old_server is not None:
+            log.info(
+                "rebalancing: blocks %d:%d do not fit beside %d:%d; unloading those first",
+                *new,
+                *old_interval,
+            )
+            await self._release(old_server, new)
+            old_server = None
+        try:
+            if not await self._load_and_serve(new) and self.server is old_server:
+                self.interval = old_interval  # drained meanwhile: the old blocks finish
+                self.swarm.node.request_announce()
+        except Exception as exc:  # noqa: BLE001 - a failed move must not kill the daemon
+            if self._stopping:
+                return
+            if old_server is not None:
+                log.warning(
+                    "rebalancing to blocks %d:%d failed (%r): serving %d:%d on",
+                    *new,
+                    exc,
+                    *old_interval,
+                )
+                self._install(old_server)
+                self.interval, self.state = old_interval, State.ONLINE
+                self.swarm.node.request_announce()
+                self.on_change()
+                return
+            log.error(
+                "rebalancing to blocks %d:%d failed (%r) after unloading our blocks: "
+                "announcing OFFLINE and stopping",
+                *new,
+                exc,
+            )
+            self.state = State.OFFLINE
+            self.on_change()
+            await self.swarm.node.shutdown()
+
+    async def _release(self, server: BlockServer, new: tuple[int, int]) -> None:
+        """Stop serving `server`'s blocks and let its memory go before loading `new`."""
+        self.interval, self.state = new, State.JOINING
+        self.server = None  # new streams are refused ("busy") until the new span serves
+        self.swarm.node.request_announce()
+        self.on_change()
+        grace = min(self.options.limits.drain_timeout, RELEASE_GRACE)
+        if not await server.drain(grace):
+            log.info("unloading blocks with %d sessions still open", len(server.sessions))
+        del server
+        gc.collect()
+        if self.options.device and self.options.device.startswith("cuda"):
+            torch.cuda.empty_cache()
 
     async def _wanted_move(self) -> tuple[int, int] | None:
         """The interval `should_move` sends us to now, or None to stay (balancing's
@@ -285,43 +394,7 @@ class BlockService:
         return tuple(new)
 
     async def _confirmed(self, entries: list[SwarmEntry]) -> list[SwarmEntry]:
-        """`entries` with the blocks each server reports in an Info reply; a server that
-        does not answer keeps its listed blocks, one that serves something else drops out."""
-        confirmed: dict[str, SwarmEntry | None] = {e.peer_id: e for e in entries}
-
-        async def ask(entry: SwarmEntry) -> None:
-            with trio.move_on_after(INFO_TIMEOUT):
-                try:
-                    confirmed[entry.peer_id] = await self._live_entry(entry)
-                except Exception as exc:  # noqa: BLE001 - unconfirmed: keep the listed blocks
-                    log.debug("no Info from %s: %r", entry.peer_id, exc)
-
-        async with trio.open_nursery() as nursery:
-            for entry in entries:
-                nursery.start_soon(ask, entry)
-        return [e for e in confirmed.values() if e is not None]
-
-    async def _live_entry(self, entry: SwarmEntry) -> SwarmEntry | None:
-        channel = await self.swarm.connect(entry.peer_id, RPC_PROTOCOL)
-        try:
-            await channel.write_message(wire.Info().to_wire())
-            reply = wire.parse_message(await channel.read_message())
-        finally:
-            await channel.aclose()
-        if not isinstance(reply, wire.InfoResult):
-            return entry
-        record = reply.record
-        start, end = record.get("start"), record.get("end")
-        if (
-            record.get("model_id") != self.model_id
-            or record.get("state") not in (State.ONLINE.value, State.JOINING.value)
-            or not (type(start) is int and type(end) is int and 0 <= start < end)
-        ):
-            return None
-        throughput = record.get("inference_throughput")
-        if not isinstance(throughput, float) or not throughput > 0:
-            throughput = entry.throughput
-        return SwarmEntry(entry.peer_id, start, end, throughput)
+        return await confirmed_entries(self.swarm, self.model_id, entries)
 
     async def _measure_next_rtts(self) -> None:
         """Round trips to servers of the blocks after ours (the next hop of a chain)."""
@@ -335,13 +408,3 @@ class BlockService:
             if r.start <= end < r.end and r.peer_id != self.swarm.node.peer_id
         ]
         self.next_rtts = await self.swarm.probe_rtts(nexts[:NEXT_RTT_PEERS])
-
-
-async def _contained(handler, channel: FramedChannel) -> None:
-    """A handler's unexpected exception ends its own stream only, never the daemon."""
-    try:
-        await handler(channel)
-    except Exception:  # noqa: BLE001
-        log.exception("request handler failed")
-        with trio.move_on_after(1):
-            await channel.aclose()

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import wire
 from blocks import InputError, KVCache
-from peerd.server.limits import CacheBudget, RequestRefused, budget_tokens
+from peerd.server.limits import CacheBudget, RequestRefused, budget_tokens, peer_quota
 from peerd.server.priority import INFERENCE
 from peerd.server.runner import SpanRunner
 from wire import ErrorCode
@@ -30,6 +30,7 @@ class OpenSessionState:
     cache: KVCache
     reserved_tokens: int
     compression: str
+    peer: str | None = None  # who opened it (None: this daemon, through its in-process pipe)
     opened_at: float = field(default_factory=time.monotonic)
 
 
@@ -41,6 +42,7 @@ class Sessions:
         span = runner.span
         self.budget = CacheBudget(budget_tokens(runner.limits, span.cache_bytes_per_token()))
         self.open: dict[int, OpenSessionState] = {}  # keyed by object: client ids may collide
+        self._by_peer: dict[str, list[int]] = {}  # peer -> [sessions, reserved tokens]
 
     def __len__(self) -> int:
         return len(self.open)
@@ -57,7 +59,38 @@ class Sessions:
             dtype=accepts["dtype"],
         )
 
-    def open_session(self, message: wire.OpenSession) -> OpenSessionState:
+    def held_by(self, peer: str) -> tuple[int, int]:
+        """(sessions, reserved cache tokens) that `peer` holds now."""
+        sessions, tokens = self._by_peer.get(peer, (0, 0))
+        return sessions, tokens
+
+    def _check_peer_quota(self, peer: str | None, cost: int) -> None:
+        if peer is None:
+            return
+        limits = self.runner.limits
+        sessions, tokens = self.held_by(peer)
+        max_sessions = peer_quota(limits.max_sessions, limits.peer_share)
+        if sessions >= max_sessions:
+            raise RequestRefused(
+                ErrorCode.BUSY,
+                f"server busy for this peer: it holds {sessions} sessions, the most one peer "
+                f"may hold is {max_sessions}",
+                held=sessions,
+                limit=max_sessions,
+            )
+        max_tokens = peer_quota(self.budget.capacity, limits.peer_share)
+        if tokens + cost > max_tokens:
+            raise RequestRefused(
+                ErrorCode.CACHE_FULL,
+                f"cache quota of this peer exceeded: it holds {tokens:,} tokens and asks "
+                f"{cost:,}; one peer may hold at most {max_tokens:,}",
+                held=tokens,
+                asked=cost,
+                limit=max_tokens,
+            )
+
+    def open_session(self, message: wire.OpenSession, peer: str | None = None) -> OpenSessionState:
+        """Reserve the session's cache; `peer` is charged for it (None: not limited)."""
         runner, limits = self.runner, self.runner.limits
         runner.check_model(message.model_id)
         start, end = runner.check_interval(message.start, message.end)
@@ -72,7 +105,12 @@ class Sessions:
             )
         tokens = message.batch_size * message.max_length
         cost = self._budget_cost(tokens, runner.span.cache_bytes_per_token(1, start, end))
-        self.budget.reserve(cost)
+        self.budget.reserve(cost)  # the server's shortage is said first, then the peer's
+        try:
+            self._check_peer_quota(peer, cost)
+        except RequestRefused:
+            self.budget.release(cost)
+            raise
         try:
             cache = runner.span.new_cache(
                 message.batch_size,
@@ -92,8 +130,13 @@ class Sessions:
             cache=cache,
             reserved_tokens=cost,
             compression=message.compression,
+            peer=peer,
         )
         self.open[id(state)] = state
+        if peer is not None:
+            held = self._by_peer.setdefault(peer, [0, 0])
+            held[0] += 1
+            held[1] += cost
         log.info(
             "session %s opened: blocks %d:%d, batch %d, max length %d",
             state.session_id[:8],
@@ -112,8 +155,15 @@ class Sessions:
         return -(-tokens * bytes_per_token_of_interval // full)
 
     def close_session(self, state: OpenSessionState) -> None:
-        self.open.pop(id(state), None)
+        if self.open.pop(id(state), None) is None:
+            return  # closed already
         self.budget.release(state.reserved_tokens)
+        held = self._by_peer.get(state.peer) if state.peer is not None else None
+        if held is not None:
+            held[0] -= 1
+            held[1] -= state.reserved_tokens
+            if held[0] <= 0:
+                del self._by_peer[state.peer]
         log.info("session %s closed after %d tokens", state.session_id[:8], state.cache.length)
 
     async def step(self, session: OpenSessionState, message: wire.Step) -> wire.StepResult:
