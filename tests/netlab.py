@@ -12,6 +12,8 @@ connection between two nodes crosses exactly one relay, whichever side dialed. T
 the one-way delay by the connecting node's address (a latency per pair of nodes) and applies it
 in both directions, preserving order: a round trip takes twice the pair's latency. Bandwidth is
 `tc tbf` on both ends of each node's link (its upload and its download). Only iproute2 is needed.
+A daemon restarted on a node may listen on another of its port slots (`slot=`): its old port
+keeps TIME_WAIT connections for a minute, and the relay finds it on whichever slot it is.
 
     with NetLab(["boot", "a", "b"], latency_ms=25, bandwidth="100mbit") as lab:
         with HarnessGroup(tmp_path) as group:
@@ -45,6 +47,8 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 DAEMON_PORT = 21000  # + node index: distinct, so a learnt 127.0.0.1 address never finds a peer
+PORT_SLOTS = 8  # a restarted daemon may take the next slot (+ k * SLOT_STRIDE): its old port
+SLOT_STRIDE = 250  # has TIME_WAIT connections for a minute; the relay tries every slot
 RELAY_PORT = 31000  # + node index
 CLONE_NEWNET = 0x40000000
 CHUNK = 1 << 16
@@ -99,7 +103,13 @@ class LabNode:
 
     @property
     def daemon_port(self) -> int:
-        return DAEMON_PORT + self.index
+        return self.slot_port(0)
+
+    def slot_port(self, slot: int) -> int:
+        """The daemon's port in `slot` (0..PORT_SLOTS-1): a restart may move to another one."""
+        if not 0 <= slot < PORT_SLOTS:
+            raise ValueError(f"slot must be in 0..{PORT_SLOTS - 1}, got {slot}")
+        return DAEMON_PORT + self.index + slot * SLOT_STRIDE
 
     @property
     def relay_port(self) -> int:
@@ -245,7 +255,7 @@ class NetLab:
                 "netns": node.netns,
                 "ip": node.ip,
                 "listen_port": node.relay_port,
-                "upstream_port": node.daemon_port,
+                "upstream_ports": [node.slot_port(k) for k in range(PORT_SLOTS)],
                 "delays": {
                     other.ip: self.latency(node.name, other.name) / 1000
                     for other in self.nodes.values()
@@ -256,10 +266,10 @@ class NetLab:
         ]
 
     # ----- daemons in the lab -------------------------------------------------------
-    def daemon_args(self, name: str) -> list[str]:
+    def daemon_args(self, name: str, slot: int = 0) -> list[str]:
         """Options that put a daemon on `name`'s node: listen inside, advertise the relay."""
         node = self.nodes[name]
-        return ["--port", str(node.daemon_port), "--announce-addr", node.public_addr]
+        return ["--port", str(node.slot_port(slot)), "--announce-addr", node.public_addr]
 
     def addr(self, name: str, peer_id: str) -> str:
         """The multiaddr other nodes dial `name`'s daemon (of `peer_id`) with."""
@@ -269,12 +279,14 @@ class NetLab:
         """A command prefix that runs a program on `name`'s node."""
         return ["ip", "netns", "exec", self.nodes[name].netns]
 
-    def spawn(self, group: Any, node: str, name: str, *args: str, command: str = "join") -> Any:
+    def spawn(
+        self, group: Any, node: str, name: str, *args: str, command: str = "join", slot: int = 0
+    ) -> Any:
         """`group.spawn` (a tests.launcher.HarnessGroup) of a daemon on `node`, unwaited."""
         return group.spawn(
             name,
             *args,
-            *self.daemon_args(node),
+            *self.daemon_args(node, slot),
             command=command,
             host="127.0.0.1",
             netns=self.nodes[node].netns,
@@ -356,6 +368,7 @@ class _NodeRelay:
     def __init__(self, spec: dict[str, Any]) -> None:
         self.spec = spec
         self.delays: dict[str, float] = spec["delays"]
+        self.ports: list[int] = spec["upstream_ports"]  # the last one that answered first
 
     def socket(self) -> socket.socket:
         with in_netns(self.spec["netns"]):
@@ -371,16 +384,25 @@ class _NodeRelay:
         listener.listen(128)
         return await asyncio.start_server(self.handle, sock=listener)
 
+    async def connect_upstream(self) -> socket.socket | None:
+        """A connection to the daemon, on whichever port slot it listens (None: none)."""
+        for port in list(self.ports):
+            upstream = self.socket()
+            try:
+                await asyncio.get_running_loop().sock_connect(upstream, ("127.0.0.1", port))
+            except OSError:
+                upstream.close()
+                continue
+            self.ports.remove(port)
+            self.ports.insert(0, port)
+            return upstream
+        return None
+
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         source = writer.get_extra_info("peername")[0]
         delay = self.delays.get(source, self.spec["default_delay"])
-        upstream = self.socket()
-        try:
-            await asyncio.get_running_loop().sock_connect(
-                upstream, ("127.0.0.1", self.spec["upstream_port"])
-            )
-        except OSError:
-            upstream.close()
+        upstream = await self.connect_upstream()
+        if upstream is None:
             await asyncio.sleep(2 * delay)  # the refusal travels back like any answer
             _abort(writer)
             return
