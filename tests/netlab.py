@@ -20,39 +20,43 @@ keeps TIME_WAIT connections for a minute, and the relay finds it on whichever sl
             boot = lab.spawn(group, "boot", "boot", "--new-swarm").wait_ready()
             peer = lab.spawn(group, "a", "a", "--initial-peers", lab.addr("boot", boot.peer_id))
 
-One relay process serves every node of a lab (it enters each namespace only to make sockets).
-`python -m tests.netlab ping ...` is a one-shot peer that pings another from inside the lab.
+One relay process (tests/netlab_relay.py) serves every node of a lab; `in_netns` makes sockets
+inside a node's namespace from any process. `python -m tests.netlab ping ...` is a one-shot
+peer that pings another from inside the lab.
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
-import ctypes
 import json
 import os
 import shutil
 import signal
-import socket
-import struct
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from tests.netlab_relay import in_netns
+
+__all__ = [
+    "PORT_SLOTS",
+    "LabNode",
+    "LabUnavailable",
+    "NetLab",
+    "in_netns",
+    "lab_unavailable_reason",
+]
 
 REPO = Path(__file__).resolve().parents[1]
 DAEMON_PORT = 21000  # + node index: distinct, so a learnt 127.0.0.1 address never finds a peer
 PORT_SLOTS = 8  # a restarted daemon may take the next slot (+ k * SLOT_STRIDE): its old port
 SLOT_STRIDE = 250  # has TIME_WAIT connections for a minute; the relay tries every slot
 RELAY_PORT = 31000  # + node index
-CLONE_NEWNET = 0x40000000
-CHUNK = 1 << 16
-QUEUED_CHUNKS = 64  # per direction: past ~4 MiB in flight the relay stops reading (TCP backs off)
 _counter = iter(range(1_000_000))
 
 
@@ -68,30 +72,6 @@ def run_checked(cmd: Sequence[str]) -> None:
     done = subprocess.run(list(cmd), capture_output=True, text=True, timeout=20)
     if done.returncode != 0:
         raise LabUnavailable(f"{' '.join(cmd)}: {done.stderr.strip()}")
-
-
-_libc = ctypes.CDLL(None, use_errno=True)
-
-
-def _setns(fd: int) -> None:
-    if _libc.setns(fd, CLONE_NEWNET) != 0:
-        raise OSError(ctypes.get_errno(), "setns failed")
-
-
-@contextmanager
-def in_netns(netns: str) -> Iterator[None]:
-    """Sockets made inside the block belong to `netns` (this thread only; they stay there)."""
-    home = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
-    target = os.open(f"/var/run/netns/{netns}", os.O_RDONLY)
-    try:
-        _setns(target)
-        try:
-            yield
-        finally:
-            _setns(home)
-    finally:
-        os.close(target)
-        os.close(home)
 
 
 @dataclass(frozen=True)
@@ -237,7 +217,7 @@ class NetLab:
         config.write_text(json.dumps(self.relay_config()))
         self._relay_log = open(self.workdir / "relay.log", "wb")  # noqa: SIM115 - closed in down()
         self._relay = subprocess.Popen(
-            [sys.executable, "-m", "tests.netlab", "relay", str(config)],
+            [sys.executable, "-m", "tests.netlab_relay", str(config)],
             cwd=REPO,
             stdout=subprocess.PIPE,
             stderr=self._relay_log,
@@ -312,125 +292,6 @@ def lab_unavailable_reason() -> str | None:
     return None
 
 
-# ----- the relay (its own process: `python -m tests.netlab relay CONFIG`) ---------------
-async def _forward(
-    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, delay: float
-) -> None:
-    """Copy reader to writer, each chunk `delay` seconds after it arrived, in order; EOF too."""
-    loop = asyncio.get_running_loop()
-    queue: asyncio.Queue[tuple[float, bytes]] = asyncio.Queue(QUEUED_CHUNKS)
-
-    async def receive() -> None:
-        try:
-            while data := await reader.read(CHUNK):
-                await queue.put((loop.time() + delay, data))
-        finally:
-            await queue.put((loop.time() + delay, b""))
-
-    async def send() -> None:
-        while True:
-            due, data = await queue.get()
-            if (wait := due - loop.time()) > 0:
-                await asyncio.sleep(wait)
-            if not data:
-                if writer.can_write_eof():
-                    writer.write_eof()
-                return
-            writer.write(data)
-            await writer.drain()
-
-    await _all_or_none(receive(), send())
-
-
-async def _all_or_none(*coroutines: Any) -> None:
-    """Run them together; the first error cancels the others and is raised."""
-    tasks = [asyncio.ensure_future(c) for c in coroutines]
-    try:
-        await asyncio.gather(*tasks)
-    finally:
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-
-
-def _abort(writer: asyncio.StreamWriter) -> None:
-    """Close with a reset, as a peer whose process died would."""
-    sock = writer.get_extra_info("socket")
-    if sock is not None:
-        try:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-        except OSError:
-            pass
-    writer.transport.abort()
-
-
-class _NodeRelay:
-    def __init__(self, spec: dict[str, Any]) -> None:
-        self.spec = spec
-        self.delays: dict[str, float] = spec["delays"]
-        self.ports: list[int] = spec["upstream_ports"]  # the last one that answered first
-
-    def socket(self) -> socket.socket:
-        with in_netns(self.spec["netns"]):
-            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        sock.setblocking(False)
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        return sock
-
-    async def start(self) -> asyncio.Server:
-        listener = self.socket()
-        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        listener.bind((self.spec["ip"], self.spec["listen_port"]))
-        listener.listen(128)
-        return await asyncio.start_server(self.handle, sock=listener)
-
-    async def connect_upstream(self) -> socket.socket | None:
-        """A connection to the daemon, on whichever port slot it listens (None: none)."""
-        for port in list(self.ports):
-            upstream = self.socket()
-            try:
-                await asyncio.get_running_loop().sock_connect(upstream, ("127.0.0.1", port))
-            except OSError:
-                upstream.close()
-                continue
-            self.ports.remove(port)
-            self.ports.insert(0, port)
-            return upstream
-        return None
-
-    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        source = writer.get_extra_info("peername")[0]
-        delay = self.delays.get(source, self.spec["default_delay"])
-        upstream = await self.connect_upstream()
-        if upstream is None:
-            await asyncio.sleep(2 * delay)  # the refusal travels back like any answer
-            _abort(writer)
-            return
-        up_reader, up_writer = await asyncio.open_connection(sock=upstream)
-        try:
-            await _all_or_none(
-                _forward(reader, up_writer, delay), _forward(up_reader, writer, delay)
-            )
-        except OSError:
-            _abort(writer)
-            _abort(up_writer)
-        finally:
-            writer.close()
-            up_writer.close()
-
-
-async def run_relay(specs: Iterable[dict[str, Any]]) -> None:
-    servers = [await _NodeRelay(spec).start() for spec in specs]
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    print("ready", flush=True)
-    await stop.wait()
-    for server in servers:
-        server.close()
-
-
 # ----- a one-shot peer that pings another from inside the lab -------------------------
 async def ping_peer(args: argparse.Namespace) -> dict[str, Any]:
     import trio
@@ -465,8 +326,6 @@ async def ping_peer(args: argparse.Namespace) -> dict[str, Any]:
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m tests.netlab")
     sub = parser.add_subparsers(dest="what", required=True)
-    relay = sub.add_parser("relay", help="run the lab's delaying relays (JSON config file)")
-    relay.add_argument("config")
     ping = sub.add_parser("ping", help="join, ping a peer, print the round trips as JSON")
     ping.add_argument("--home", required=True)
     ping.add_argument("--port", type=int, required=True)
@@ -477,9 +336,6 @@ def main(argv: Sequence[str] | None = None) -> None:
     ping.add_argument("--period", type=float, default=2.0)
     ping.add_argument("--timeout", type=float, default=60.0)
     args = parser.parse_args(argv)
-    if args.what == "relay":
-        asyncio.run(run_relay(json.loads(Path(args.config).read_text())))
-        return
     import trio
 
     from peerd.logging import setup_logging
