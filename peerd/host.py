@@ -59,6 +59,9 @@ def check_port_free(host: str, port: int) -> None:
         return
     family = socket.AF_INET6 if ipaddress.ip_address(host).version == 6 else socket.AF_INET
     with socket.socket(family, socket.SOCK_STREAM) as probe:
+        # connections of a previous run in TIME_WAIT must not block a restart on its port;
+        # a socket that listens there still does (SO_REUSEADDR never overrides a listener)
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             probe.bind((host, port))
         except OSError as exc:

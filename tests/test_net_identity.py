@@ -74,3 +74,18 @@ def test_peer_addresses_need_a_peer_id():
 def test_bad_config_is_refused(bad):
     with pytest.raises(ValueError):
         NodeConfig(**bad)
+
+
+def test_a_port_whose_last_connections_are_in_time_wait_is_free():
+    """A daemon restarted on its --port right after it stopped (its closed connections are
+    in TIME_WAIT for a minute) must be able to listen again."""
+    with socket.socket() as listener:
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as trio's listeners do
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        port = listener.getsockname()[1]
+        client = socket.create_connection(("127.0.0.1", port))
+        accepted, _ = listener.accept()
+        accepted.close()  # the listening side closes first: its end goes to TIME_WAIT
+        client.close()
+    check_port_free("127.0.0.1", port)
