@@ -23,6 +23,8 @@ import trio
 
 import wire
 from peerd.hops import (
+    AVOID,
+    BAN,
     ChainError,
     Connector,
     HopFailed,
@@ -161,7 +163,10 @@ class TrainingChain:
                 f"giving up after {self.failures} server failures; last: {failure}",
             )
         log.warning("server %s failed (%s); re-routing", failure.peer_id[:12], failure.reason)
-        self.planning.ban(failure.peer_id)
+        if failure.kind == AVOID:  # healthy, but cannot take these requests: no strike
+            self.planning.avoid(failure.peer_id, failure.reason)
+        elif failure.kind == BAN:
+            self.planning.ban(failure.peer_id)
 
     # ----- forward ----------------------------------------------------------------------
     async def forward(

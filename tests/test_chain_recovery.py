@@ -13,9 +13,13 @@ import pytest
 import torch
 import trio
 
+import wire
 from blocks import LoadedBlocks
 from peerd.chain import ChainError
-from tests.chain_harness import Swarm, is_replay, nth_step, run_swarm
+from peerd.server.limits import ServerLimits
+from peerd.server.runner import SpanRunner
+from peerd.server.sessions import Sessions
+from tests.chain_harness import MODEL_ID, Swarm, is_replay, nth_step, run_swarm
 from tests.tiny_models import make_tiny_model
 
 NUM_BLOCKS = 6
@@ -187,24 +191,82 @@ def test_training_forward_backward_retries_and_matches_autograd(model_dir, refer
     torch.testing.assert_close(grad_x, expected_grad, atol=1e-5, rtol=1e-4)
 
 
-def test_a_step_that_failed_part_way_leaves_the_chain_refusing_further_steps(model_dir):
-    """Hop a computed the step, b died and nobody covers its blocks: a's cache is ahead of the
-    chain. Retrying (even once a replacement appears) would compute on it silently wrong, so
-    the chain says it is out of step instead."""
+def test_a_step_that_failed_part_way_is_repaired_before_the_next(model_dir, reference_span):
+    """Hop a computed the step, b died and nobody covered its blocks: a's cache is ahead of
+    the chain. Once a replacement appears the next step first brings a back (replays it, no
+    ban) and the outputs are those of one forward without the lost step."""
     torch.manual_seed(0)
-    hidden = LoadedBlocks.load(model_dir, 0, 1).config.hidden_size
+    hidden = reference_span.config.hidden_size
+    x1, lost, x2 = (torch.randn(1, n, hidden) for n in (3, 1, 2))
+
+    async def body(swarm):
+        swarm.peers["b2"].dead = True  # not there yet
+        chain = swarm.chain(16)
+        await chain.open()
+        y1 = await chain.step(x1)
+        swarm.peers["b"].crash_when = nth_step(1)
+        with pytest.raises(ChainError) as failed:
+            await chain.step(lost)
+        swarm.peers["b2"].dead = False
+        y2 = await chain.step(x2)
+        return failed.value.code, chain, torch.cat([y1, y2], dim=1)
+
+    swarm, (failed, chain, got) = run_swarm(
+        model_dir, {"a": (0, 3), "b": (3, NUM_BLOCKS), "b2": (3, NUM_BLOCKS)}, body
+    )
+    assert failed == "no_route"
+    assert chain.route == [("a", 0, 3), ("b2", 3, NUM_BLOCKS)]
+    assert swarm.banned() == ["b"]
+    expected = reference_span.forward(torch.cat([x1, x2], dim=1))
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4)
+
+
+def test_a_server_out_of_step_refuses_and_is_replayed_not_banned(model_dir, reference_span):
+    """A step whose position differs from the server's cache length is refused (out_of_step);
+    the chain reopens that server's session, replays, and the output stays right."""
+    torch.manual_seed(0)
+    hidden = reference_span.config.hidden_size
     x1, x2 = torch.randn(1, 3, hidden), torch.randn(1, 1, hidden)
 
     async def body(swarm):
         chain = swarm.chain(16)
         await chain.open()
-        await chain.step(x1)
-        swarm.peers["b"].crash_when = nth_step(1)
-        with pytest.raises(ChainError) as failed:
-            await chain.step(x2)
-        with pytest.raises(ChainError, match="out of step") as refused:
-            await chain.step(x2)
-        return failed.value.code, refused.value.code
+        y1 = await chain.step(x1)
+        chain.hops[1].length -= 1  # as if we had lost track of one token
+        chain._stale = lambda: []  # so the step goes out at the wrong position
+        y2 = await chain.step(x2)
+        return chain, torch.cat([y1, y2], dim=1)
 
-    _, (failed, refused) = run_swarm(model_dir, {"a": (0, 3), "b": (3, NUM_BLOCKS)}, body)
-    assert failed == "no_route" and refused == "closed"
+    swarm, (chain, got) = run_swarm(model_dir, {"a": (0, 3), "b": (3, NUM_BLOCKS)}, body)
+    assert swarm.banned() == []
+    assert swarm.connects.count("b") == 2
+    expected = reference_span.forward(torch.cat([x1, x2], dim=1))
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4)
+
+
+def test_server_refuses_a_step_at_the_wrong_position(model_dir):
+    span = LoadedBlocks.load(model_dir, 0, 2)
+    sessions = Sessions(SpanRunner(span, MODEL_ID, ServerLimits()))
+    state = sessions.open_session(
+        wire.OpenSession(
+            model_id=MODEL_ID,
+            start=0,
+            end=2,
+            max_length=8,
+            batch_size=1,
+            compression="none",
+            session_id="s",
+        )
+    )
+    x = torch.randn(1, 2, span.config.hidden_size)
+
+    async def main():
+        ok = await sessions.step(state, wire.Step(hidden=x, step_id=0, position=0))
+        with pytest.raises(wire.WireError) as info:
+            await sessions.step(state, wire.Step(hidden=x, step_id=1, position=0))
+        return ok.cache_length, info.value
+
+    length, refused = trio.run(main)
+    assert length == 2 and refused.code == "out_of_step"
+    assert refused.details == {"position": 0, "cache_length": 2}
+    assert state.cache.length == 2  # the refused step left the cache alone

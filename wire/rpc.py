@@ -109,7 +109,11 @@ class SessionOpened(Message):
 @register
 @dataclass(frozen=True, eq=False)
 class Step(Message):
-    """One incremental step; start/end, when set, narrow the session's blocks for this step."""
+    """One incremental step; start/end, when set, narrow the session's blocks for this step.
+
+    `position`, when set, is the number of tokens the sender believes the session's cache
+    holds before this step; a server whose cache length differs refuses with `out_of_step`
+    (older clients leave it out and are not checked)."""
 
     TYPE: ClassVar[str] = "step"
     hidden: torch.Tensor = wired(HIDDEN)
@@ -119,6 +123,7 @@ class Step(Message):
     replay: bool = wired(Flag(), default=False)
     compression: str = wired(COMPRESSION, default="none")
     reorder: list[int] | None = wired(BATCH_INDEX, default=None)
+    position: int | None = wired(Maybe(COUNTER), default=None)
 
     def validate(self) -> None:
         if self.start is not None and self.end is not None:
