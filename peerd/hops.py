@@ -175,8 +175,15 @@ async def exchange(
         frame = wire.encode_frame(message.to_wire(), max_frame)
     try:
         with trio.fail_after(timeout):
-            await channel.write_frame(frame)
-            reply = wire.parse_message(await channel.read_message())
+            try:
+                await channel.write_frame(frame)
+            except (ConnectionLost, OSError, trio.BrokenResourceError, trio.ClosedResourceError):
+                # it may have said why before closing (an idle timeout): read that first
+                reply = await _last_word(channel)
+                if reply is None:
+                    raise
+            else:
+                reply = wire.parse_message(await channel.read_message())
     except trio.TooSlowError:
         raise HopFailed(peer_id, f"no reply within {timeout:.1f} s") from None
     except (ConnectionLost, wire.WireError, OSError) as exc:
@@ -186,6 +193,17 @@ async def exchange(
             raise failure_of(peer_id, reply)
         raise ChainError(reply.code, f"server {peer_id[:12]}…: {reply.message}")
     return reply
+
+
+async def _last_word(channel: FramedChannel) -> wire.Message | None:
+    """An Error the server sent before closing a stream we could not write to, if any."""
+    with trio.move_on_after(0.5):
+        try:
+            message = wire.parse_message(await channel.read_message())
+        except Exception:  # noqa: BLE001 - nothing readable: the write's failure stands
+            return None
+        return message if isinstance(message, wire.Error) else None
+    return None
 
 
 def failure_of(peer_id: str, reply: wire.Error) -> HopFailed:

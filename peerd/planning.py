@@ -65,6 +65,7 @@ class Planning:
     probe_rtts: RttProbe | None
     bans: BanList
     clock: Callable[[], float] = time.monotonic
+    wall_clock: Callable[[], float] = time.time  # records' expiry is in unix time
     planner: RoutePlanner | None = None
     known: dict[str, ServerSpan] = field(default_factory=dict)
     waiting: float | None = None  # overrides options.recovery_timeout while set
@@ -110,7 +111,12 @@ class Planning:
 
     def ban(self, peer_id: str) -> None:
         assert self.planner is not None
-        backoff = self.bans.ban(peer_id, self.clock())
+        now = self.clock()
+        known = self.known.get(peer_id)
+        until = None  # a failed server stays out while its record may still list it
+        if known is not None and known.expires_at is not None:
+            until = now + (known.expires_at - self.wall_clock())
+        backoff = self.bans.ban(peer_id, now, until=until)
         self.peer_limits.pop(peer_id, None)
         log.info("banned %s for %.1f s", peer_id[:12], backoff)
         if self.known.pop(peer_id, None) is not None:
