@@ -261,6 +261,12 @@ class TrainingChain:
             return grad
         if grad_prompts is not None and span_grad_prompts is not None:
             lo, hi = entry.start - self.options.start, entry.end - self.options.start
+            if span_grad_prompts.shape != grad_prompts[lo:hi].shape:  # would broadcast
+                raise HopFailed(
+                    entry.peer_id,
+                    f"prompt gradients of shape {list(span_grad_prompts.shape)} for prompts "
+                    f"{list(grad_prompts[lo:hi].shape)}",
+                )
             grad_prompts[lo:hi] += span_grad_prompts.to(grad_prompts.dtype)
         return grad_hidden
 

@@ -243,7 +243,7 @@ class ChainForward(Message):
     hidden: torch.Tensor = wired(HIDDEN)
     prompts: torch.Tensor | None = wired(PROMPTS, default=None)
     compression: str = wired(COMPRESSION, default="none")
-    keep_trace: bool = wired(Flag(), default=True)
+    keep_trace: bool = wired(Flag(), default=False)  # only when a backward will follow
 
 
 @register
