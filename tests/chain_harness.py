@@ -55,9 +55,9 @@ class RecordingBans(BanList):
         super().__init__()
         self.history: list[str] = []
 
-    def ban(self, peer_id: str, now: float) -> float:
+    def ban(self, peer_id: str, now: float, *, until: float | None = None) -> float:
         self.history.append(peer_id)
-        return super().ban(peer_id, now)
+        return super().ban(peer_id, now, until=until)
 
 
 class CrashingChannel(FramedChannel):

@@ -247,7 +247,7 @@ class FakeConnection:
         self.max_frame = max_frame
         self.sent: list[api.ChainStep] = []
 
-    def request(self, message, expected):
+    def request(self, message, expected, *, request_id=None):
         assert len(wire.encode_frame(message.to_wire(), self.max_frame)) <= self.max_frame
         self.sent.append(message)
         return api.ChainStepResult(hidden=message.hidden * 2, route=[("p", 0, 4)], recoveries=0)

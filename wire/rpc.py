@@ -253,6 +253,8 @@ class Error(Message):
     code: str = wired(Text(64, pattern=r"[a-z][a-z0-9_]*"))
     message: str = wired(Text(MAX_ERROR_MESSAGE, min_len=0))
     details: dict[str, Any] = wired(PlainMap(), default_factory=dict)
+    request_id: int | None = wired(Maybe(COUNTER), default=None)
+    """On the local socket: the id of the request this answers (wire.local.LocalMessage)."""
 
     def __post_init__(self) -> None:
         if isinstance(self.code, ErrorCode):  # members travel as the plain strings they are

@@ -108,6 +108,8 @@ class LocalAPI:
                 await conn.channel.aclose()
 
     async def _answer(self, raw: dict, conn: ApiConnection) -> None:
+        rid = raw.get("request_id") if isinstance(raw, dict) else None
+        conn.request_id = rid if type(rid) is int and rid >= 0 else None  # even if refused
         try:
             request = wire.parse_message(raw)
             handler = self.handlers.get(type(request))
