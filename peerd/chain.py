@@ -31,7 +31,7 @@ import logging
 import time
 import uuid
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import trio
@@ -51,6 +51,7 @@ from peerd.hops import (
 )
 from peerd.planning import ChainOptions, Planning, RttProbe, ServerSource
 from peerd.replay_history import BoundaryHistory
+from routing import ServerSpan
 from wire import ErrorCode
 from wire.sizing import SEQUENCE, int_list_bytes
 
@@ -86,6 +87,9 @@ class RecoveryEvent:
     replayed_tokens: int
     seconds: float
     kind: str = BAN  # what was done about the server: BAN, AVOID or RESYNC (peerd.hops)
+    precision_changes: list[str] = field(default_factory=list)
+    """Blocks now served in another dtype or quantization than before (no alike server was
+    left): seeded samples and greedy ties may differ from here on."""
 
 
 class InferenceChain:
@@ -102,6 +106,8 @@ class InferenceChain:
         self.recoveries: list[RecoveryEvent] = []
         self.failures = 0
         self._step_ids = itertools.count()
+        self.precision: dict[int, tuple[str, str]] = {}  # block -> (dtype, quant) serving it
+        self._precision_changes: list[str] = []
         self._missed_reorder: set[ChainHop] = set()  # hops a failed step's reorder never reached
         self.session_id = uuid.uuid4().hex
         pads = options.pad_lengths
@@ -210,6 +216,7 @@ class InferenceChain:
                 new_route=self.route,
                 replayed_tokens=replayed,
                 seconds=time.monotonic() - started,
+                precision_changes=self._take_precision_changes(),
             )
         )
 
@@ -293,6 +300,7 @@ class InferenceChain:
                 replayed_tokens=replayed,
                 seconds=time.monotonic() - started,
                 kind=failure.kind,
+                precision_changes=self._take_precision_changes(),
             )
         )
 
@@ -307,7 +315,9 @@ class InferenceChain:
         while True:
             block = self.hops[index].start if index < len(self.hops) else self.options.start
             prev = self.hops[index - 1].peer_id if index > 0 else None
-            new_keys = await self.planning.route_from(block, prev)
+            new_keys = await self.planning.route_from(
+                block, prev, self._alike if self.precision else None
+            )
             old_tail = {hop.key: hop for hop in self.hops[index:] if hop.peer_id != failed_peer}
             tail = [old_tail.pop(key, None) or ChainHop(*key) for key in new_keys]
             for hop in old_tail.values():
@@ -323,6 +333,7 @@ class InferenceChain:
                     if hop.channel is not None:
                         continue
                     replayed += await self._open_and_replay(hop)
+                self._note_precision()
                 return replayed
             except HopFailed as failure:
                 log.warning(
@@ -335,6 +346,39 @@ class InferenceChain:
                     failed_peer = None
                 else:
                     failed_peer = failure.peer_id
+
+    def _precision_of(self, hop: ChainHop) -> tuple[str, str]:
+        known = self.planning.known.get(hop.peer_id)
+        dtype = hop.limits.dtype if hop.limits is not None else "float32"
+        return (dtype, known.quant if known is not None else "none")
+
+    def _alike(self, server: ServerSpan) -> bool:
+        """Whether a server computes its blocks in the dtype and quantization the chain had
+        there (a replacement of another precision would change seeded samples, greedy ties)."""
+        if not self.precision:
+            return True
+        lo, hi = max(server.start, self.options.start), min(server.end, self.options.end)
+        want = {self.precision.get(b) for b in range(lo, hi)} - {None}
+        return want <= {(server.dtype, server.quant)}
+
+    def _note_precision(self) -> None:
+        """Record what serves each block now; a change of precision is said (log, event)."""
+        for hop in self.hops:
+            now = self._precision_of(hop)
+            before = self.precision.get(hop.start)
+            if before is not None and before != now:
+                change = (
+                    f"blocks {hop.start}..{hop.end}: {before[0]}/{before[1]} -> "
+                    f"{now[0]}/{now[1]} on {hop.peer_id[:12]}"
+                )
+                log.warning("no server alike was left; precision changed: %s", change)
+                self._precision_changes.append(change)
+            for b in range(hop.start, hop.end):
+                self.precision[b] = now
+
+    def _take_precision_changes(self) -> list[str]:
+        changes, self._precision_changes = self._precision_changes, []
+        return changes
 
     def _handle(self, failure: HopFailed) -> None:
         """Count the failure; ban the server (BAN) or leave it out of this chain (AVOID)."""

@@ -131,9 +131,28 @@ class Planning:
         if self.known.pop(peer_id, None) is not None:
             self.planner.update([ServerRemoved(peer_id)])
 
-    async def route_from(self, block: int, prev_peer: str | None) -> list[tuple[str, int, int]]:
-        """Best route from `block` to the end (D* Lite repair); waits for coverage if needed."""
+    async def route_from(
+        self,
+        block: int,
+        prev_peer: str | None,
+        prefer: Callable[[ServerSpan], bool] | None = None,
+    ) -> list[tuple[str, int, int]]:
+        """Best route from `block` to the end (D* Lite repair); waits for coverage if needed.
+        With `prefer`, a route over only the servers it accepts wins when there is one."""
         assert self.planner is not None
+        if prefer is not None:
+            servers = [s for s in self._eligible(self.known.values()) if prefer(s)]
+            try:
+                route = RoutePlanner(
+                    servers,
+                    CostModel(client_rtts=self.rtts),
+                    start=self.options.start,
+                    end=self.options.end,
+                    mode=self.options.mode,
+                ).route_from(block, prev_peer)
+                return [(h.peer_id, h.start, h.end) for h in route.hops]
+            except NoRouteError:
+                pass  # none alike covers it: any server will do (the chain says so)
         planner = self.planner
         return await self._wait_for_route(lambda: planner.route_from(block, prev_peer))
 

@@ -126,3 +126,56 @@ def test_a_session_no_server_can_hold_is_a_clear_error_and_bans_nobody(model_dir
     )
     assert error.code == "cache_full" and "can hold a session of batch 1 × 64" in str(error)
     assert swarm.banned() == []
+
+
+def _repair_after_b1_dies(model_dir, intervals, throughputs, dtypes, quants=None):
+    torch.manual_seed(0)
+    x = torch.randn(1, 2, 64)
+
+    async def body(swarm):
+        for name, quant in (quants or {}).items():
+            swarm.peers[name].quant = quant
+        chain = swarm.chain(8)
+        async with chain:
+            await chain.step(x[:, :1])
+            swarm.peers["b1"].crash_when = lambda message: True
+            await chain.step(x[:, 1:])
+        return chain
+
+    from tests.chain_harness import run_swarm as run
+
+    _, chain = run(
+        model_dir,
+        intervals,
+        body,
+        throughputs=throughputs,
+        dtypes=dtypes,
+        num_blocks=NUM_BLOCKS,
+    )
+    return chain
+
+
+def test_a_replacement_keeps_the_dtype_and_quantization_of_the_hop(model_dir):
+    """b2 is faster but computes in bfloat16 (b4: int8 weights); b3 is like b1: b3 it is."""
+    chain = _repair_after_b1_dies(
+        model_dir,
+        {"a": (0, 2), "b1": (2, 4), "b2": (2, 4), "b3": (2, 4), "b4": (2, 4)},
+        {"b1": 1000.0, "b2": 500.0, "b4": 400.0, "b3": 10.0},
+        {"b2": torch.bfloat16},
+        quants={"b4": "int8"},
+    )
+    assert chain.route[-1][0] == "b3"
+    assert chain.recoveries[-1].precision_changes == []
+
+
+def test_a_replacement_of_another_dtype_is_said(model_dir, caplog):
+    chain = _repair_after_b1_dies(
+        model_dir,
+        {"a": (0, 2), "b1": (2, 4), "b2": (2, 4)},
+        {"b1": 1000.0},
+        {"b2": torch.bfloat16},
+    )
+    assert chain.route[-1][0] == "b2"
+    (change,) = chain.recoveries[-1].precision_changes
+    assert "float32/none -> bfloat16/none" in change
+    assert "precision changed" in caplog.text
