@@ -109,6 +109,8 @@ class InferenceChain:
         self.precision: dict[int, tuple[str, str]] = {}  # block -> (dtype, quant) serving it
         self._precision_changes: list[str] = []
         self._missed_reorder: set[ChainHop] = set()  # hops a failed step's reorder never reached
+        # the stored history and pad lengths before this step's reorder (undone on failure)
+        self._before_reorder: tuple[dict[int, list], list[int] | None] | None = None
         self.session_id = uuid.uuid4().hex
         pads = options.pad_lengths
         self.pad_lengths = None if pads is None else [int(p) for p in pads]
@@ -190,12 +192,22 @@ class InferenceChain:
 
     def _roll_back(self) -> None:
         """After a step that failed part-way: the stored history goes back to the chain's
-        length, and the hops the step reached (or that missed its reorder) are marked for a
-        replay, which the next step runs before anything else."""
+        length (and row order, when the step had a reorder); the hops whose caches now differ
+        from it are replayed by the next step before anything else."""
+        if self._before_reorder is not None:
+            # the failed step's reorder is undone: the caller may send it again
+            pieces, pads = self._before_reorder
+            for boundary in list(self.history):
+                if boundary in pieces:
+                    self.history[boundary].restore(pieces[boundary])
+                else:  # made by a replay of reordered inputs during the step
+                    del self.history[boundary]
+            self.pad_lengths = pads
+            for hop in self.hops:  # every hop the step reached holds reordered rows
+                if hop not in self._missed_reorder:
+                    hop.length = None
         for past in self.history.values():
             past.truncate(self.length)
-        for hop in self._missed_reorder:
-            hop.length = None
 
     async def _restore(self) -> None:
         """Bring every hop back to the chain's length: reopen and replay the stale ones (on
@@ -221,7 +233,13 @@ class InferenceChain:
         )
 
     async def _step_every_hop(self, x: torch.Tensor, index: list[int] | None) -> torch.Tensor:
+        self._before_reorder = None
         if index is not None:
+            snapshot = {b: past.snapshot() for b, past in self.history.items()}
+            self._before_reorder = (
+                snapshot,
+                None if self.pad_lengths is None else list(self.pad_lengths),
+            )
             self._reorder_history(index)
         # hops open before this step get the reorder; replacements replay gathered history
         self._missed_reorder = set(self.hops) if index is not None else set()

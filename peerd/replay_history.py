@@ -28,6 +28,13 @@ class BoundaryHistory:
         """Tokens stored."""
         return sum(t.shape[1] for t, _ in self._pieces)
 
+    def snapshot(self) -> list:
+        """The stored pieces as they are now (cheap: tensors are shared), for `restore`."""
+        return list(self._pieces)
+
+    def restore(self, pieces: list) -> None:
+        self._pieces = list(pieces)
+
     def truncate(self, length: int) -> None:
         """Keep the first `length` tokens (a step that failed part-way is forgotten)."""
         kept, total = [], 0

@@ -270,3 +270,34 @@ def test_server_refuses_a_step_at_the_wrong_position(model_dir):
     assert length == 2 and refused.code == "out_of_step"
     assert refused.details == {"position": 0, "cache_length": 2}
     assert state.cache.length == 2  # the refused step left the cache alone
+
+
+def test_a_failed_beam_step_is_undone_reorder_and_all(model_dir):
+    """A step with a reorder reached hop a, then b died with nobody to replace it: the
+    reorder is undone with the step, so sending the same step again (once b2 is there)
+    gives what a chain without the failure gives."""
+    torch.manual_seed(0)
+    hidden = LoadedBlocks.load(model_dir, 0, 1).config.hidden_size
+    x1, x2, x3 = (torch.randn(2, n, hidden) for n in (3, 1, 1))
+    reorder = [1, 1]
+
+    async def with_failure(swarm):
+        swarm.peers["b2"].dead = True
+        async with swarm.chain(8, 2) as chain:
+            await chain.step(x1)
+            swarm.peers["b"].crash_when = lambda message: message.get("reorder") is not None
+            with pytest.raises(ChainError):
+                await chain.step(x2, reorder=reorder)
+            swarm.peers["b2"].dead = False
+            return [await chain.step(x2, reorder=reorder), await chain.step(x3)]
+
+    async def without(swarm):
+        async with swarm.chain(8, 2) as chain:
+            await chain.step(x1)
+            return [await chain.step(x2, reorder=reorder), await chain.step(x3)]
+
+    spans = {"a": (0, 3), "b": (3, NUM_BLOCKS), "b2": (3, NUM_BLOCKS)}
+    _, got = run_swarm(model_dir, spans, with_failure)
+    _, expected = run_swarm(model_dir, {"a": (0, 3), "b": (3, NUM_BLOCKS)}, without)
+    for g, e in zip(got, expected, strict=True):
+        torch.testing.assert_close(g, e, atol=1e-5, rtol=1e-4)
