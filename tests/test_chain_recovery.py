@@ -279,7 +279,7 @@ def test_a_failed_beam_step_is_undone_reorder_and_all(model_dir):
     torch.manual_seed(0)
     hidden = LoadedBlocks.load(model_dir, 0, 1).config.hidden_size
     x1, x2, x3 = (torch.randn(2, n, hidden) for n in (3, 1, 1))
-    reorder = [1, 1]
+    reorder = [1, 0]  # applied twice it would be no reorder at all
 
     async def with_failure(swarm):
         swarm.peers["b2"].dead = True
