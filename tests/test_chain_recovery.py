@@ -301,3 +301,34 @@ def test_a_failed_beam_step_is_undone_reorder_and_all(model_dir):
     _, expected = run_swarm(model_dir, {"a": (0, 3), "b": (3, NUM_BLOCKS)}, without)
     for g, e in zip(got, expected, strict=True):
         torch.testing.assert_close(g, e, atol=1e-5, rtol=1e-4)
+
+
+def test_a_reply_with_the_wrong_cache_length_is_that_servers_failure(model_dir, reference_span):
+    """b1 answers as if its cache held one token more than it should: routed around."""
+    torch.manual_seed(0)
+    x1, x2 = (torch.randn(1, n, reference_span.config.hidden_size) for n in (3, 1))
+
+    async def body(swarm):
+        sessions = swarm.peers["b1"].server.sessions
+        honest = sessions.step
+
+        async def lying(session, message):
+            reply = await honest(session, message)
+            return wire.StepResult(
+                hidden=reply.hidden, step_id=reply.step_id, cache_length=reply.cache_length + 1
+            )
+
+        sessions.step = lying
+        async with swarm.chain(8) as chain:
+            got = torch.cat([await chain.step(x1), await chain.step(x2)], dim=1)
+        return chain.route, got
+
+    swarm, (route, got) = run_swarm(
+        model_dir,
+        {"a": (0, 3), "b1": (3, NUM_BLOCKS), "b2": (3, NUM_BLOCKS)},
+        body,
+        throughputs={"b1": 1000.0},
+    )
+    assert route[-1][0] == "b2" and swarm.banned() == ["b1"]
+    expected = reference_span.forward(torch.cat([x1, x2], dim=1))
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4)
