@@ -125,6 +125,8 @@ class LocalAPI:
         except Exception as exc:  # noqa: BLE001 - one bad request never kills the daemon
             log.exception("local API request failed")
             await conn.reply(wire.Error.from_exception(exc))
+        finally:
+            conn.request_id = None  # a framing error after it answers no request
 
     async def _list_models(self, request: api.ListModels, conn: ApiConnection) -> None:
         await conn.reply(api.ModelList(models=await self.models.swarm_models()))
