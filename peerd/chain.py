@@ -12,6 +12,16 @@ A step with `reorder` (beam search) gathers every server's cache rows before it 
 chain gathers its stored history (and the pad lengths) the same way, so a replay rebuilds
 exactly the reordered caches. Steps and replays too big for one frame are cut along the
 sequence (peerd.hops).
+
+Every Step carries the hop's cache position and every reply's cache length is checked, so a
+chain never computes on a cache that is not exactly its tokens. A step that fails part-way
+(an early hop advanced, a later one could not be repaired) rolls the stored history back to
+the chain's length; the next step first reopens and replays every hop whose cache differs
+(on the same servers, nobody banned). A chain refuses further steps only once it gave up
+after `max_failures` server failures: by then every repair would just ban more servers.
+Failures have kinds (peerd.hops): BAN (a strike, routed around), AVOID (left out of this
+chain only: moved blocks, limits too small, cache full) and RESYNC (reopen the same server
+and replay: its idle timeout closed the session, or it was out of step).
 """
 
 from __future__ import annotations
@@ -21,13 +31,16 @@ import logging
 import time
 import uuid
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import trio
 
 import wire
 from peerd.hops import (
+    AVOID,
+    BAN,
+    RESYNC,
     RETRYABLE_CODES,
     ChainError,
     ChainHop,
@@ -38,7 +51,9 @@ from peerd.hops import (
 )
 from peerd.planning import ChainOptions, Planning, RttProbe, ServerSource
 from peerd.replay_history import BoundaryHistory
+from routing import ServerSpan
 from wire import ErrorCode
+from wire.sizing import SEQUENCE, int_list_bytes
 
 log = logging.getLogger("peerd.chain")
 
@@ -71,6 +86,10 @@ class RecoveryEvent:
     new_route: list[tuple[str, int, int]]
     replayed_tokens: int
     seconds: float
+    kind: str = BAN  # what was done about the server: BAN, AVOID or RESYNC (peerd.hops)
+    precision_changes: list[str] = field(default_factory=list)
+    """Blocks now served in another dtype or quantization than before (no alike server was
+    left): seeded samples and greedy ties may differ from here on."""
 
 
 class InferenceChain:
@@ -87,6 +106,11 @@ class InferenceChain:
         self.recoveries: list[RecoveryEvent] = []
         self.failures = 0
         self._step_ids = itertools.count()
+        self.precision: dict[int, tuple[str, str]] = {}  # block -> (dtype, quant) serving it
+        self._precision_changes: list[str] = []
+        self._missed_reorder: set[ChainHop] = set()  # hops a failed step's reorder never reached
+        # the stored history and pad lengths before this step's reorder (undone on failure)
+        self._before_reorder: tuple[dict[int, list], list[int] | None] | None = None
         self.session_id = uuid.uuid4().hex
         pads = options.pad_lengths
         self.pad_lengths = None if pads is None else [int(p) for p in pads]
@@ -131,9 +155,7 @@ class InferenceChain:
         of `hidden`). `reorder`: row i of every cache becomes row reorder[i] before the step."""
         if self.broken is not None:
             raise ChainError(
-                ErrorCode.CLOSED,
-                f"this chain is out of step since a step failed part-way ({self.broken}); "
-                "open a new chain",
+                ErrorCode.CLOSED, f"this chain gave up ({self.broken}); open a new one"
             )
         batch = self.options.batch_size
         if hidden.dim() != 3 or hidden.shape[0] != batch or hidden.shape[1] < 1:
@@ -149,28 +171,85 @@ class InferenceChain:
                 f"{hidden.shape[1]} new",
             )
         x = hidden.detach().to("cpu")
-        for hop in self.hops:  # a step no server can take is refused before anyone gets it
-            hop.tokens_per_step(x.shape, self.options.compression, len(index or ()))
+        frames = [h.limits.ours for h in self.hops if h.limits is not None and h.limits.ours]
+        ours = HopLimits(min(frames, default=wire.DEFAULT_MAX_FRAME))
+        # a step our own frame limit cannot carry is refused before anyone gets it
+        ours.rows(
+            x.shape, self.options.compression, dim=SEQUENCE, fixed_bytes=_reorder_bytes(index)
+        )
+        await self._restore()
         try:
             x = await self._step_every_hop(x, index)
-        except BaseException as exc:
-            # some servers (and the stored history) may already hold this step: a retry would
-            # compute on caches ahead of the chain, so the chain refuses to go on instead
-            self.broken = f"{type(exc).__name__}: {exc}"[:200]
+        except BaseException:
+            self._roll_back()
             raise
         self.length += hidden.shape[1]
         return x.to(hidden.dtype)
 
+    def _stale(self) -> list[int]:
+        """Positions of hops whose cache does not hold exactly the chain's tokens."""
+        return [i for i, h in enumerate(self.hops) if h.channel is None or h.length != self.length]
+
+    def _roll_back(self) -> None:
+        """After a step that failed part-way: the stored history goes back to the chain's
+        length (and row order, when the step had a reorder); the hops whose caches now differ
+        from it are replayed by the next step before anything else."""
+        if self._before_reorder is not None:
+            # the failed step's reorder is undone: the caller may send it again
+            pieces, pads = self._before_reorder
+            for boundary in list(self.history):
+                if boundary in pieces:
+                    self.history[boundary].restore(pieces[boundary])
+                else:  # made by a replay of reordered inputs during the step
+                    del self.history[boundary]
+            self.pad_lengths = pads
+            for hop in self.hops:  # every hop the step reached holds reordered rows
+                if hop not in self._missed_reorder:
+                    hop.length = None
+        for past in self.history.values():
+            past.truncate(self.length)
+
+    async def _restore(self) -> None:
+        """Bring every hop back to the chain's length: reopen and replay the stale ones (on
+        the same servers when they are still eligible; nobody is banned for it)."""
+        stale = self._stale()
+        if not stale:
+            return
+        log.warning("chain out of step after a failed step: replaying %d hop(s)", len(stale))
+        for i in stale:
+            await self.hops[i].close()
+        started = time.monotonic()
+        replayed = await self._repair(stale[0], None)
+        self.recoveries.append(
+            RecoveryEvent(
+                failed_peer="",
+                reason="restore after a step that failed part-way",
+                from_block=self.hops[stale[0]].start,
+                new_route=self.route,
+                replayed_tokens=replayed,
+                seconds=time.monotonic() - started,
+                precision_changes=self._take_precision_changes(),
+            )
+        )
+
     async def _step_every_hop(self, x: torch.Tensor, index: list[int] | None) -> torch.Tensor:
+        self._before_reorder = None
         if index is not None:
+            snapshot = {b: past.snapshot() for b, past in self.history.items()}
+            self._before_reorder = (
+                snapshot,
+                None if self.pad_lengths is None else list(self.pad_lengths),
+            )
             self._reorder_history(index)
         # hops open before this step get the reorder; replacements replay gathered history
-        to_reorder = set(self.hops) if index is not None else set()
+        self._missed_reorder = set(self.hops) if index is not None else set()
         position = 0
         while position < len(self.hops):
             hop = self.hops[position]
+            reorder = index if hop in self._missed_reorder else None
+            self._missed_reorder.discard(hop)
             try:
-                y = await self._send(hop, x, reorder=index if hop in to_reorder else None)
+                y = await self._send(hop, x, reorder=reorder)
             except HopFailed as failure:
                 await self._recover(position, failure)
                 continue
@@ -220,13 +299,16 @@ class InferenceChain:
     async def _recover(self, index: int, failure: HopFailed) -> None:
         started = time.monotonic()
         log.warning(
-            "server %s failed (%s); repairing from block %d",
+            "server %s failed (%s, %s); repairing from block %d",
             failure.peer_id[:12],
             failure.reason,
+            failure.kind,
             self.hops[index].start,
         )
-        self._ban(failure)
-        replayed = await self._repair(index, failure.peer_id)
+        self._handle(failure)
+        if failure.kind == RESYNC:  # same server, new session: replayed by _repair
+            await self.hops[index].close()
+        replayed = await self._repair(index, None if failure.kind == RESYNC else failure.peer_id)
         self.recoveries.append(
             RecoveryEvent(
                 failed_peer=failure.peer_id,
@@ -235,6 +317,8 @@ class InferenceChain:
                 new_route=self.route,
                 replayed_tokens=replayed,
                 seconds=time.monotonic() - started,
+                kind=failure.kind,
+                precision_changes=self._take_precision_changes(),
             )
         )
 
@@ -249,7 +333,9 @@ class InferenceChain:
         while True:
             block = self.hops[index].start if index < len(self.hops) else self.options.start
             prev = self.hops[index - 1].peer_id if index > 0 else None
-            new_keys = await self.planning.route_from(block, prev)
+            new_keys = await self.planning.route_from(
+                block, prev, self._alike if self.precision else None
+            )
             old_tail = {hop.key: hop for hop in self.hops[index:] if hop.peer_id != failed_peer}
             tail = [old_tail.pop(key, None) or ChainHop(*key) for key in new_keys]
             for hop in old_tail.values():
@@ -265,21 +351,66 @@ class InferenceChain:
                     if hop.channel is not None:
                         continue
                     replayed += await self._open_and_replay(hop)
+                self._note_precision()
                 return replayed
             except HopFailed as failure:
-                failed_peer = failure.peer_id
-                log.warning("server %s failed during replay (%s)", failed_peer[:12], failure.reason)
-                self._ban(failure)
-                index = next(i for i, h in enumerate(self.hops) if h.peer_id == failed_peer)
+                log.warning(
+                    "server %s failed during replay (%s)", failure.peer_id[:12], failure.reason
+                )
+                self._handle(failure)
+                index = next(i for i, h in enumerate(self.hops) if h.peer_id == failure.peer_id)
+                if failure.kind == RESYNC:
+                    await self.hops[index].close()
+                    failed_peer = None
+                else:
+                    failed_peer = failure.peer_id
 
-    def _ban(self, failure: HopFailed) -> None:
+    def _precision_of(self, hop: ChainHop) -> tuple[str, str]:
+        known = self.planning.known.get(hop.peer_id)
+        dtype = hop.limits.dtype if hop.limits is not None else "float32"
+        return (dtype, known.quant if known is not None else "none")
+
+    def _alike(self, server: ServerSpan) -> bool:
+        """Whether a server computes its blocks in the dtype and quantization the chain had
+        there (a replacement of another precision would change seeded samples, greedy ties)."""
+        if not self.precision:
+            return True
+        lo, hi = max(server.start, self.options.start), min(server.end, self.options.end)
+        want = {self.precision.get(b) for b in range(lo, hi)} - {None}
+        return want <= {(server.dtype, server.quant)}
+
+    def _note_precision(self) -> None:
+        """Record what serves each block now; a change of precision is said (log, event)."""
+        for hop in self.hops:
+            now = self._precision_of(hop)
+            before = self.precision.get(hop.start)
+            if before is not None and before != now:
+                change = (
+                    f"blocks {hop.start}..{hop.end}: {before[0]}/{before[1]} -> "
+                    f"{now[0]}/{now[1]} on {hop.peer_id[:12]}"
+                )
+                log.warning("no server alike was left; precision changed: %s", change)
+                self._precision_changes.append(change)
+            for b in range(hop.start, hop.end):
+                self.precision[b] = now
+
+    def _take_precision_changes(self) -> list[str]:
+        changes, self._precision_changes = self._precision_changes, []
+        return changes
+
+    def _handle(self, failure: HopFailed) -> None:
+        """Count the failure; ban the server (BAN) or leave it out of this chain (AVOID)."""
         self.failures += 1
         if self.failures > self.options.max_failures:
+            self.broken = f"{self.failures} server failures"
             raise ChainError(
                 ErrorCode.NO_ROUTE,
                 f"giving up after {self.failures} server failures; last: {failure}",
             )
-        self.planning.ban(failure.peer_id)
+        if failure.kind == BAN:
+            self.planning.ban(failure.peer_id)
+        elif failure.kind == AVOID:
+            self.planning.avoid(failure.peer_id, failure.reason)
 
     async def _open_and_replay(self, hop: ChainHop) -> int:
         """Open a session on `hop` and feed it every input its first block has seen so far."""
@@ -317,3 +448,7 @@ class InferenceChain:
         for boundary in list(self.history):
             if boundary not in starts:
                 del self.history[boundary]
+
+
+def _reorder_bytes(index: list[int] | None) -> int:
+    return int_list_bytes(len(index)) if index else 0

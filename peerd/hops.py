@@ -38,8 +38,33 @@ RETRYABLE_CODES = frozenset(
         ErrorCode.INTERNAL,
         ErrorCode.UNKNOWN_SESSION,
         ErrorCode.UNKNOWN_MODEL,
+        ErrorCode.OUT_OF_RANGE,
+        ErrorCode.OUT_OF_STEP,
+        ErrorCode.TOO_LARGE,
     }
 )
+
+# What a chain does about a failed server (HopFailed.kind).
+BAN = "ban"  # it failed: ban it (a strike in the shared ban list) and route around it
+AVOID = "avoid"  # it is healthy but cannot take this chain (moved blocks, its limits, full
+# cache): leave it out of this chain only, no strike
+RESYNC = "resync"  # its session is gone or out of step (idle timeout, position mismatch):
+# reopen on the same server and replay, no ban
+
+# Server error codes that are not the server's failure (the rest of RETRYABLE_CODES is).
+_CODE_KINDS = {
+    ErrorCode.OUT_OF_RANGE: AVOID,  # it moved its blocks since we read its record
+    ErrorCode.TOO_LARGE: AVOID,  # we cut to the limits it announced: its limits shrank
+    ErrorCode.CACHE_FULL: AVOID,
+    ErrorCode.OUT_OF_STEP: RESYNC,
+    ErrorCode.TIMEOUT: RESYNC,  # it closed our session for idleness
+}
+
+MIN_PEER_FRAME = 64 * 1024
+"""A server announcing a smaller frame limit (or max_tokens < 1) is refused as broken."""
+IDLE_RESYNC_AFTER = 10.0
+"""A stream that breaks after this many idle seconds is first reopened on the same server
+(its idle timeout may have closed it) before the server is blamed."""
 
 
 REPLAY_PIECE_TOKENS = 2048  # batch × tokens of one replayed Step at most
@@ -53,12 +78,25 @@ class ChainError(WireError):
 
 
 class HopFailed(Exception):
-    """One server of the chain failed (connection lost, timeout, or a retryable error reply)."""
+    """One server of the chain failed (connection lost, timeout, or a retryable error reply);
+    `kind` (BAN, AVOID, RESYNC) says what the chain does about it; `code` is the server's
+    error code when it answered one, `details` its details."""
 
-    def __init__(self, peer_id: str, reason: str) -> None:
+    def __init__(
+        self,
+        peer_id: str,
+        reason: str,
+        *,
+        kind: str = BAN,
+        code: str | None = None,
+        details: dict[str, Any] | None = None,
+    ) -> None:
         super().__init__(f"{peer_id[:12]}…: {reason}")
         self.peer_id = peer_id
         self.reason = reason
+        self.kind = kind
+        self.code = code
+        self.details = details or {}
 
 
 class Connector(Protocol):
@@ -81,10 +119,19 @@ class HopLimits:
     max_frame: int = wire.DEFAULT_MAX_FRAME
     max_tokens: int | None = None
     dtype: str = "float32"
+    ours: int | None = None  # our own frame limit (None: max_frame is ours)
 
     @classmethod
     def from_opened(cls, opened: wire.SessionOpened, ours: int) -> HopLimits:
-        return cls(min(ours, opened.max_frame), opened.max_tokens, opened.dtype)
+        return cls(min(ours, opened.max_frame), opened.max_tokens, opened.dtype, ours)
+
+    def absurd(self) -> str | None:
+        """Why limits a server announced cannot be meant (None when they are sane)."""
+        if self.max_tokens is not None and self.max_tokens < 1:
+            return f"max_tokens {self.max_tokens}"
+        if self.max_frame < min(MIN_PEER_FRAME, self.ours or MIN_PEER_FRAME):
+            return f"max_frame {self.max_frame} bytes"
+        return None
 
     @classmethod
     def from_info(cls, limits: dict[str, Any], ours: int) -> HopLimits:
@@ -128,17 +175,47 @@ async def exchange(
         frame = wire.encode_frame(message.to_wire(), max_frame)
     try:
         with trio.fail_after(timeout):
-            await channel.write_frame(frame)
-            reply = wire.parse_message(await channel.read_message())
+            try:
+                await channel.write_frame(frame)
+            except (ConnectionLost, OSError, trio.BrokenResourceError, trio.ClosedResourceError):
+                # it may have said why before closing (an idle timeout): read that first
+                reply = await _last_word(channel)
+                if reply is None:
+                    raise
+            else:
+                reply = wire.parse_message(await channel.read_message())
     except trio.TooSlowError:
         raise HopFailed(peer_id, f"no reply within {timeout:.1f} s") from None
     except (ConnectionLost, wire.WireError, OSError) as exc:
         raise HopFailed(peer_id, f"stream failed: {exc}") from exc
     if isinstance(reply, wire.Error):
         if reply.code in RETRYABLE_CODES:
-            raise HopFailed(peer_id, f"{reply.code}: {reply.message}")
+            raise failure_of(peer_id, reply)
         raise ChainError(reply.code, f"server {peer_id[:12]}…: {reply.message}")
     return reply
+
+
+async def _last_word(channel: FramedChannel) -> wire.Message | None:
+    """An Error the server sent before closing a stream we could not write to, if any."""
+    with trio.move_on_after(0.5):
+        try:
+            message = wire.parse_message(await channel.read_message())
+        except Exception:  # noqa: BLE001 - nothing readable: the write's failure stands
+            return None
+        return message if isinstance(message, wire.Error) else None
+    return None
+
+
+def failure_of(peer_id: str, reply: wire.Error) -> HopFailed:
+    """A retryable error reply as a HopFailed of the right kind."""
+    code = ErrorCode.parse(reply.code)
+    return HopFailed(
+        peer_id,
+        f"{reply.code}: {reply.message}",
+        kind=_CODE_KINDS.get(code, BAN),  # type: ignore[arg-type]
+        code=str(code),
+        details=reply.details,
+    )
 
 
 async def open_channel(connect: Connector, peer_id: str, protocol: str) -> FramedChannel:
@@ -158,6 +235,8 @@ class ChainHop:
     end: int
     channel: FramedChannel | None = None
     limits: HopLimits | None = None
+    length: int | None = 0  # tokens its cache holds as far as we know; None: unknown
+    last_active: float = 0.0  # trio time of its last reply
 
     @property
     def key(self) -> tuple[str, int, int]:
@@ -177,14 +256,31 @@ class ChainHop:
             raise HopFailed(
                 self.peer_id, f"unexpected reply {type(opened).__name__} to OpenSession"
             )
-        self.limits = HopLimits.from_opened(opened, ours)
+        limits = HopLimits.from_opened(opened, ours)
+        absurd = limits.absurd()
+        if absurd is not None:
+            raise HopFailed(self.peer_id, f"announced absurd limits ({absurd})")
+        self.limits = limits
+        self.length = 0
+        self.last_active = trio.current_time()
 
     def tokens_per_step(self, shape: torch.Size, compression: str, reorder_rows: int = 0) -> int:
         """How many tokens of a [batch, tokens, hidden] step one Step to this server carries
-        (with a reorder list of `reorder_rows` indices in the first one)."""
+        (with a reorder list of `reorder_rows` indices in the first one). A step our own frame
+        limit cannot carry is a ChainError; one only this server's smaller limits refuse makes
+        it AVOID-failed (another server may take it)."""
         assert self.limits is not None
         extra = int_list_bytes(reorder_rows) if reorder_rows else 0
-        return self.limits.rows(shape, compression, dim=SEQUENCE, fixed_bytes=extra)
+        try:
+            return self.limits.rows(shape, compression, dim=SEQUENCE, fixed_bytes=extra)
+        except ChainError as exc:
+            if self.limits.ours is None:
+                raise
+            ours = HopLimits(self.limits.ours, None, self.limits.dtype)
+            ours.rows(shape, compression, dim=SEQUENCE, fixed_bytes=extra)  # ours: raises
+            raise HopFailed(
+                self.peer_id, f"its limits cannot take this step ({exc.message})", kind=AVOID
+            ) from None
 
     async def step(
         self,
@@ -207,6 +303,9 @@ class ChainHop:
         for piece in wire.cuts(x.shape[1], per_step):
             chunk = x[:, piece]
             step_id = next(step_ids)
+            position = self.length
+            if position is None:
+                raise HopFailed(self.peer_id, "its cache length is unknown", kind=RESYNC)
             with our_fault("step not sent"):
                 message = wire.Step(
                     hidden=chunk,
@@ -214,14 +313,10 @@ class ChainHop:
                     replay=replay,
                     compression=compression,
                     reorder=reorder if piece.start == 0 else None,
+                    position=position,
                 )
-            reply = await exchange(
-                self.channel,
-                self.peer_id,
-                message,
-                timeout=timeout,
-                max_frame=self.limits.max_frame,
-            )
+            self.length = None  # until a matching reply says where its cache is
+            reply = await self._exchange(message, timeout)
             if not isinstance(reply, wire.StepResult) or reply.step_id != step_id:
                 raise HopFailed(self.peer_id, f"unexpected reply {type(reply).__name__}")
             if reply.hidden.shape != chunk.shape:
@@ -229,11 +324,43 @@ class ChainHop:
                     self.peer_id,
                     f"reply of shape {list(reply.hidden.shape)} for input {list(chunk.shape)}",
                 )
+            if reply.cache_length != position + chunk.shape[1]:
+                raise HopFailed(
+                    self.peer_id,
+                    f"its cache holds {reply.cache_length} tokens after a step of "
+                    f"{chunk.shape[1]} at position {position}",
+                )
+            self.length = reply.cache_length
             outputs.append(reply.hidden)
         return outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=1)
 
+    async def _exchange(self, message: wire.Message, timeout: float) -> wire.Message:
+        """exchange(); a stream that broke after a long idle pause is first taken for the
+        server's idle timeout (RESYNC: reopen there), not for a dead server."""
+        assert self.channel is not None and self.limits is not None
+        idle = trio.current_time() - self.last_active
+        try:
+            reply = await exchange(
+                self.channel,
+                self.peer_id,
+                message,
+                timeout=timeout,
+                max_frame=self.limits.max_frame,
+            )
+        except HopFailed as failure:
+            if (
+                failure.kind == BAN
+                and failure.reason.startswith("stream failed")
+                and (idle >= IDLE_RESYNC_AFTER)
+            ):
+                failure.kind = RESYNC
+            raise
+        self.last_active = trio.current_time()
+        return reply
+
     async def close(self, *, graceful: bool = True) -> None:
         """Say goodbye to a healthy server; just drop the stream of a failed one."""
+        self.length = 0
         if self.channel is None:
             return
         channel, self.channel = self.channel, None

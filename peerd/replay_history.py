@@ -24,6 +24,28 @@ class BoundaryHistory:
         """Inputs of the newest tokens, [batch, tokens, hidden], already in the current order."""
         self._pieces.append((inputs, None))
 
+    def __len__(self) -> int:
+        """Tokens stored."""
+        return sum(t.shape[1] for t, _ in self._pieces)
+
+    def snapshot(self) -> list:
+        """The stored pieces as they are now (cheap: tensors are shared), for `restore`."""
+        return list(self._pieces)
+
+    def restore(self, pieces: list) -> None:
+        self._pieces = list(pieces)
+
+    def truncate(self, length: int) -> None:
+        """Keep the first `length` tokens (a step that failed part-way is forgotten)."""
+        kept, total = [], 0
+        for t, p in self._pieces:
+            if total >= length:
+                break
+            take = min(t.shape[1], length - total)
+            kept.append((t if take == t.shape[1] else t[:, :take], p))
+            total += take
+        self._pieces = kept
+
     def reorder(self, rows: torch.Tensor) -> None:
         """Row i becomes row rows[i] (as the servers' caches do)."""
         self._pieces = [(t, rows if p is None else p[rows]) for t, p in self._pieces]

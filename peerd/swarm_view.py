@@ -19,6 +19,9 @@ def record_to_span(record: ServerRecord) -> ServerSpan:
         throughput=max(record.inference_throughput, MIN_THROUGHPUT),
         forward_throughput=max(record.forward_throughput, MIN_THROUGHPUT),
         next_rtts=dict(record.next_rtts),
+        dtype=record.dtype,
+        quant=record.quant,
+        expires_at=record.expires_at,
     )
 
 

@@ -23,6 +23,8 @@ import trio
 
 import wire
 from peerd.hops import (
+    AVOID,
+    BAN,
     ChainError,
     Connector,
     HopFailed,
@@ -161,7 +163,10 @@ class TrainingChain:
                 f"giving up after {self.failures} server failures; last: {failure}",
             )
         log.warning("server %s failed (%s); re-routing", failure.peer_id[:12], failure.reason)
-        self.planning.ban(failure.peer_id)
+        if failure.kind == AVOID:  # healthy, but cannot take these requests: no strike
+            self.planning.avoid(failure.peer_id, failure.reason)
+        elif failure.kind == BAN:
+            self.planning.ban(failure.peer_id)
 
     # ----- forward ----------------------------------------------------------------------
     async def forward(
@@ -256,6 +261,12 @@ class TrainingChain:
             return grad
         if grad_prompts is not None and span_grad_prompts is not None:
             lo, hi = entry.start - self.options.start, entry.end - self.options.start
+            if span_grad_prompts.shape != grad_prompts[lo:hi].shape:  # would broadcast
+                raise HopFailed(
+                    entry.peer_id,
+                    f"prompt gradients of shape {list(span_grad_prompts.shape)} for prompts "
+                    f"{list(grad_prompts[lo:hi].shape)}",
+                )
             grad_prompts[lo:hi] += span_grad_prompts.to(grad_prompts.dtype)
         return grad_hidden
 

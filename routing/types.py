@@ -29,6 +29,9 @@ class ServerSpan:
     bandwidth: float = 100e6  # bytes per second
     load: float = 0.0  # 0..1, current load
     next_rtts: Mapping[str, float] = field(default_factory=dict)  # peer -> measured RTT (s)
+    dtype: str = "float32"  # compute dtype (a replacement of another dtype changes outputs)
+    quant: str = "none"  # weight quantization ("none", "int8", "nf4")
+    expires_at: float | None = None  # unix time its record expires (None: not known)
 
     def __post_init__(self) -> None:
         if not (0 <= self.start < self.end):

@@ -41,11 +41,15 @@ class FakePeer:
     largest_frame: int = 0
     hidden_dtypes: set[str] = field(default_factory=set)
     steps: int = 0
+    quant: str = "none"  # as its record would say
 
     @property
     def span(self) -> ServerSpan:
         s = self.server.span
-        return ServerSpan(self.peer_id, s.start, s.end, throughput=self.throughput)
+        dtype = str(self.server.runner.accepts()["dtype"])
+        return ServerSpan(
+            self.peer_id, s.start, s.end, throughput=self.throughput, dtype=dtype, quant=self.quant
+        )
 
 
 class RecordingBans(BanList):
@@ -55,9 +59,9 @@ class RecordingBans(BanList):
         super().__init__()
         self.history: list[str] = []
 
-    def ban(self, peer_id: str, now: float) -> float:
+    def ban(self, peer_id: str, now: float, *, until: float | None = None) -> float:
         self.history.append(peer_id)
-        return super().ban(peer_id, now)
+        return super().ban(peer_id, now, until=until)
 
 
 class CrashingChannel(FramedChannel):

@@ -109,28 +109,49 @@ def test_servers_token_limit_cuts_steps(model_dir, reference_span):
 
 
 @pytest.mark.parametrize(
-    "limits",
+    ("limits", "banned"),
     [
-        ServerLimits(max_frame=wire.ENVELOPE_BYTES + 100),  # one token is 256 bytes
-        ServerLimits(max_tokens_per_request=2),  # one token of a batch of 3 is 3 tokens
+        # a frame limit no real step fits is absurd: that server's fault, banned
+        (ServerLimits(max_frame=wire.ENVELOPE_BYTES + 100), ["b1"]),
+        # one token of a batch of 3 is 3 tokens: b1 cannot take this chain, b2 can
+        (ServerLimits(max_tokens_per_request=2), []),
     ],
     ids=["frame", "tokens"],
 )
-def test_a_token_that_cannot_fit_is_too_large_and_bans_nobody(model_dir, limits):
+def test_a_server_whose_limits_cannot_take_a_token_is_routed_around(model_dir, limits, banned):
+    x = torch.randn(3, 4, HIDDEN)
+
     async def body(swarm):
         chain = swarm.chain(8, batch_size=3)
         async with chain:
-            with pytest.raises(ChainError) as info:
-                await chain.step(torch.randn(3, 4, HIDDEN))
-        return info.value
+            y = await chain.step(x)
+        return chain.route, y
 
-    swarm, error = run_swarm(
+    swarm, (route, y) = run_swarm(
         model_dir,
         TWO_SPANS,
         body,
         limits={"b1": limits},
         throughputs={"b1": 1000.0},
         num_blocks=NUM_BLOCKS,
+    )
+    assert route[-1][0] == "b2"
+    assert swarm.banned() == banned
+    assert swarm.peers["b1"].steps == 0
+    expected = LoadedBlocks.load(model_dir, 0, NUM_BLOCKS).forward(x)
+    torch.testing.assert_close(y, expected, atol=1e-5, rtol=1e-4)
+
+
+def test_a_token_our_own_frame_cannot_carry_is_too_large_and_bans_nobody(model_dir):
+    async def body(swarm):
+        chain = swarm.chain(8, batch_size=3)
+        async with chain:
+            with pytest.raises(ChainError) as info:
+                await chain.step(torch.randn(3, 4, 8192))
+        return info.value
+
+    swarm, error = run_swarm(
+        model_dir, TWO_SPANS, body, num_blocks=NUM_BLOCKS, client_max_frame=SMALL_FRAME
     )
     assert error.code == "too_large" and "one token" in str(error)
     assert swarm.banned() == []
@@ -226,7 +247,7 @@ class FakeConnection:
         self.max_frame = max_frame
         self.sent: list[api.ChainStep] = []
 
-    def request(self, message, expected):
+    def request(self, message, expected, *, request_id=None):
         assert len(wire.encode_frame(message.to_wire(), self.max_frame)) <= self.max_frame
         self.sent.append(message)
         return api.ChainStepResult(hidden=message.hidden * 2, route=[("p", 0, 4)], recoveries=0)

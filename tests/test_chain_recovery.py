@@ -13,9 +13,13 @@ import pytest
 import torch
 import trio
 
+import wire
 from blocks import LoadedBlocks
 from peerd.chain import ChainError
-from tests.chain_harness import Swarm, is_replay, nth_step, run_swarm
+from peerd.server.limits import ServerLimits
+from peerd.server.runner import SpanRunner
+from peerd.server.sessions import Sessions
+from tests.chain_harness import MODEL_ID, Swarm, is_replay, nth_step, run_swarm
 from tests.tiny_models import make_tiny_model
 
 NUM_BLOCKS = 6
@@ -187,24 +191,144 @@ def test_training_forward_backward_retries_and_matches_autograd(model_dir, refer
     torch.testing.assert_close(grad_x, expected_grad, atol=1e-5, rtol=1e-4)
 
 
-def test_a_step_that_failed_part_way_leaves_the_chain_refusing_further_steps(model_dir):
-    """Hop a computed the step, b died and nobody covers its blocks: a's cache is ahead of the
-    chain. Retrying (even once a replacement appears) would compute on it silently wrong, so
-    the chain says it is out of step instead."""
+def test_a_step_that_failed_part_way_is_repaired_before_the_next(model_dir, reference_span):
+    """Hop a computed the step, b died and nobody covered its blocks: a's cache is ahead of
+    the chain. Once a replacement appears the next step first brings a back (replays it, no
+    ban) and the outputs are those of one forward without the lost step."""
     torch.manual_seed(0)
-    hidden = LoadedBlocks.load(model_dir, 0, 1).config.hidden_size
+    hidden = reference_span.config.hidden_size
+    x1, lost, x2 = (torch.randn(1, n, hidden) for n in (3, 1, 2))
+
+    async def body(swarm):
+        swarm.peers["b2"].dead = True  # not there yet
+        chain = swarm.chain(16)
+        await chain.open()
+        y1 = await chain.step(x1)
+        swarm.peers["b"].crash_when = nth_step(1)
+        with pytest.raises(ChainError) as failed:
+            await chain.step(lost)
+        swarm.peers["b2"].dead = False
+        y2 = await chain.step(x2)
+        return failed.value.code, chain, torch.cat([y1, y2], dim=1)
+
+    swarm, (failed, chain, got) = run_swarm(
+        model_dir, {"a": (0, 3), "b": (3, NUM_BLOCKS), "b2": (3, NUM_BLOCKS)}, body
+    )
+    assert failed == "no_route"
+    assert chain.route == [("a", 0, 3), ("b2", 3, NUM_BLOCKS)]
+    assert swarm.banned() == ["b"]
+    expected = reference_span.forward(torch.cat([x1, x2], dim=1))
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4)
+
+
+def test_a_server_out_of_step_refuses_and_is_replayed_not_banned(model_dir, reference_span):
+    """A step whose position differs from the server's cache length is refused (out_of_step);
+    the chain reopens that server's session, replays, and the output stays right."""
+    torch.manual_seed(0)
+    hidden = reference_span.config.hidden_size
     x1, x2 = torch.randn(1, 3, hidden), torch.randn(1, 1, hidden)
 
     async def body(swarm):
         chain = swarm.chain(16)
         await chain.open()
-        await chain.step(x1)
-        swarm.peers["b"].crash_when = nth_step(1)
-        with pytest.raises(ChainError) as failed:
-            await chain.step(x2)
-        with pytest.raises(ChainError, match="out of step") as refused:
-            await chain.step(x2)
-        return failed.value.code, refused.value.code
+        y1 = await chain.step(x1)
+        chain.hops[1].length -= 1  # as if we had lost track of one token
+        chain._stale = lambda: []  # so the step goes out at the wrong position
+        y2 = await chain.step(x2)
+        return chain, torch.cat([y1, y2], dim=1)
 
-    _, (failed, refused) = run_swarm(model_dir, {"a": (0, 3), "b": (3, NUM_BLOCKS)}, body)
-    assert failed == "no_route" and refused == "closed"
+    swarm, (chain, got) = run_swarm(model_dir, {"a": (0, 3), "b": (3, NUM_BLOCKS)}, body)
+    assert swarm.banned() == []
+    assert swarm.connects.count("b") == 2
+    expected = reference_span.forward(torch.cat([x1, x2], dim=1))
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4)
+
+
+def test_server_refuses_a_step_at_the_wrong_position(model_dir):
+    span = LoadedBlocks.load(model_dir, 0, 2)
+    sessions = Sessions(SpanRunner(span, MODEL_ID, ServerLimits()))
+    state = sessions.open_session(
+        wire.OpenSession(
+            model_id=MODEL_ID,
+            start=0,
+            end=2,
+            max_length=8,
+            batch_size=1,
+            compression="none",
+            session_id="s",
+        )
+    )
+    x = torch.randn(1, 2, span.config.hidden_size)
+
+    async def main():
+        ok = await sessions.step(state, wire.Step(hidden=x, step_id=0, position=0))
+        with pytest.raises(wire.WireError) as info:
+            await sessions.step(state, wire.Step(hidden=x, step_id=1, position=0))
+        return ok.cache_length, info.value
+
+    length, refused = trio.run(main)
+    assert length == 2 and refused.code == "out_of_step"
+    assert refused.details == {"position": 0, "cache_length": 2}
+    assert state.cache.length == 2  # the refused step left the cache alone
+
+
+def test_a_failed_beam_step_is_undone_reorder_and_all(model_dir):
+    """A step with a reorder reached hop a, then b died with nobody to replace it: the
+    reorder is undone with the step, so sending the same step again (once b2 is there)
+    gives what a chain without the failure gives."""
+    torch.manual_seed(0)
+    hidden = LoadedBlocks.load(model_dir, 0, 1).config.hidden_size
+    x1, x2, x3 = (torch.randn(2, n, hidden) for n in (3, 1, 1))
+    reorder = [1, 0]  # applied twice it would be no reorder at all
+
+    async def with_failure(swarm):
+        swarm.peers["b2"].dead = True
+        async with swarm.chain(8, 2) as chain:
+            await chain.step(x1)
+            swarm.peers["b"].crash_when = lambda message: message.get("reorder") is not None
+            with pytest.raises(ChainError):
+                await chain.step(x2, reorder=reorder)
+            swarm.peers["b2"].dead = False
+            return [await chain.step(x2, reorder=reorder), await chain.step(x3)]
+
+    async def without(swarm):
+        async with swarm.chain(8, 2) as chain:
+            await chain.step(x1)
+            return [await chain.step(x2, reorder=reorder), await chain.step(x3)]
+
+    spans = {"a": (0, 3), "b": (3, NUM_BLOCKS), "b2": (3, NUM_BLOCKS)}
+    _, got = run_swarm(model_dir, spans, with_failure)
+    _, expected = run_swarm(model_dir, {"a": (0, 3), "b": (3, NUM_BLOCKS)}, without)
+    for g, e in zip(got, expected, strict=True):
+        torch.testing.assert_close(g, e, atol=1e-5, rtol=1e-4)
+
+
+def test_a_reply_with_the_wrong_cache_length_is_that_servers_failure(model_dir, reference_span):
+    """b1 answers as if its cache held one token more than it should: routed around."""
+    torch.manual_seed(0)
+    x1, x2 = (torch.randn(1, n, reference_span.config.hidden_size) for n in (3, 1))
+
+    async def body(swarm):
+        sessions = swarm.peers["b1"].server.sessions
+        honest = sessions.step
+
+        async def lying(session, message):
+            reply = await honest(session, message)
+            return wire.StepResult(
+                hidden=reply.hidden, step_id=reply.step_id, cache_length=reply.cache_length + 1
+            )
+
+        sessions.step = lying
+        async with swarm.chain(8) as chain:
+            got = torch.cat([await chain.step(x1), await chain.step(x2)], dim=1)
+        return chain.route, got
+
+    swarm, (route, got) = run_swarm(
+        model_dir,
+        {"a": (0, 3), "b1": (3, NUM_BLOCKS), "b2": (3, NUM_BLOCKS)},
+        body,
+        throughputs={"b1": 1000.0},
+    )
+    assert route[-1][0] == "b2" and swarm.banned() == ["b1"]
+    expected = reference_span.forward(torch.cat([x1, x2], dim=1))
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4)

@@ -299,3 +299,19 @@ def test_sweeping_changes_restart_the_search() -> None:
     fresh = RoutePlanner(moved, cm, end=20)
     assert got.cost == pytest.approx(fresh.plan().cost, rel=1e-9)
     assert planner.expansions - before <= 1.2 * fresh.expansions  # a repair costs ~2x here
+
+
+def test_strikes_decay_after_the_ban_runs_out() -> None:
+    bans = BanList(base=1.0, factor=2.0, max_backoff=100.0, decay=10.0)
+    assert bans.ban("p", 0.0) == 1.0
+    assert bans.ban("p", 2.0) == 2.0  # right after: a second strike
+    assert bans.strikes("p", 4.0) == 2
+    assert bans.strikes("p", 24.5) == 0  # two decay periods after the ban ran out at 4
+    assert bans.ban("p", 24.5) == 1.0  # treated like a first failure again
+
+
+def test_a_ban_lasts_at_least_until_the_given_time() -> None:
+    bans = BanList(base=1.0)
+    assert bans.ban("p", 10.0, until=53.0) == 43.0
+    assert bans.is_banned("p", 52.9) and not bans.is_banned("p", 53.0)
+    assert bans.ban("q", 10.0, until=5.0) == 1.0  # an expiry already past changes nothing

@@ -27,6 +27,7 @@ class ErrorCode(str, Enum):
     UNKNOWN_SESSION = "unknown_session"
     UNKNOWN_MODEL = "unknown_model"
     OUT_OF_RANGE = "out_of_range"  # blocks not served here, position past the session's max_length
+    OUT_OF_STEP = "out_of_step"  # a step's position is not the session's cache length: replay
     TIMEOUT = "timeout"
     NO_ROUTE = "no_route"  # no chain of servers covers the model
     CLOSED = "closed"  # the connection or session is closed

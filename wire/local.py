@@ -1,6 +1,6 @@
 """Messages of the local Unix-socket API (scripts ↔ their daemon), protocol version 1.
 
-Same framing, envelope and tensor codec as the peer RPCs (see rpc.py); any request may be
+Every request may carry a `request_id` (LocalMessage); replies echo it. Same framing, envelope and tensor codec as the peer RPCs (see rpc.py); any request may be
 answered by `Error`. A script opens a chain and steps it, or asks the daemon to generate:
 
     ListModels -> ModelList
@@ -44,8 +44,19 @@ from .framing import DEFAULT_MAX_FRAME
 from .schema import Message, register
 
 MODEL_REF = Text(4096)
+REQUEST_ID = Int(0, 2**63 - 1)
 CHAIN_ID = Text(64)
 TRACE_ID = Text(64)
+
+
+@dataclass(frozen=True, eq=False)
+class LocalMessage(Message):
+    """Base of the local API's messages: `request_id`, set by a client on a request, comes
+    back on every reply to it (Error included), so a client that timed out and sent again
+    never takes the previous reply for the new one. Optional: older clients and daemons
+    leave it out."""
+
+    request_id: int | None = wired(Maybe(REQUEST_ID), default=None, kw_only=True)
 
 
 class Float(Spec):
@@ -91,13 +102,13 @@ ROUTE = ListOf(HopSpec(), 1 << 16)
 
 @register
 @dataclass(frozen=True, eq=False)
-class ListModels(Message):
+class ListModels(LocalMessage):
     TYPE: ClassVar[str] = "list_models"
 
 
 @register
 @dataclass(frozen=True, eq=False)
-class ModelList(Message):
+class ModelList(LocalMessage):
     """{model_id: {"num_blocks", "coverage": [servers per block], "servers": [record maps]}}."""
 
     TYPE: ClassVar[str] = "model_list"
@@ -106,7 +117,7 @@ class ModelList(Message):
 
 @register
 @dataclass(frozen=True, eq=False)
-class OpenChain(Message):
+class OpenChain(LocalMessage):
     TYPE: ClassVar[str] = "open_chain"
     model: str = wired(MODEL_REF)
     max_length: int = wired(Int(1, 2**20))
@@ -122,7 +133,7 @@ class OpenChain(Message):
 
 @register
 @dataclass(frozen=True, eq=False)
-class ChainOpened(Message):
+class ChainOpened(LocalMessage):
     """`max_frame`: the largest frame the daemon reads; a script cuts bigger steps."""
 
     TYPE: ClassVar[str] = "chain_opened"
@@ -135,7 +146,7 @@ class ChainOpened(Message):
 
 @register
 @dataclass(frozen=True, eq=False)
-class ChainStep(Message):
+class ChainStep(LocalMessage):
     """`reorder` gathers every hop's cache rows (beam search) before this step runs."""
 
     TYPE: ClassVar[str] = "chain_step"
@@ -150,7 +161,7 @@ class ChainStep(Message):
 
 @register
 @dataclass(frozen=True, eq=False)
-class ChainStepResult(Message):
+class ChainStepResult(LocalMessage):
     TYPE: ClassVar[str] = "chain_step_result"
     hidden: torch.Tensor = wired(HIDDEN)
     route: list[Any] = wired(ROUTE)
@@ -160,21 +171,21 @@ class ChainStepResult(Message):
 
 @register
 @dataclass(frozen=True, eq=False)
-class CloseChain(Message):
+class CloseChain(LocalMessage):
     TYPE: ClassVar[str] = "close_chain"
     chain_id: str = wired(CHAIN_ID)
 
 
 @register
 @dataclass(frozen=True, eq=False)
-class ChainClosed(Message):
+class ChainClosed(LocalMessage):
     TYPE: ClassVar[str] = "chain_closed"
     chain_id: str = wired(CHAIN_ID)
 
 
 @register
 @dataclass(frozen=True, eq=False)
-class Generate(Message):
+class Generate(LocalMessage):
     """Generate from text (`prompt`) or token ids (`input_ids`, one row); exactly one of them."""
 
     TYPE: ClassVar[str] = "generate"
@@ -216,7 +227,7 @@ class Generate(Message):
 
 @register
 @dataclass(frozen=True, eq=False)
-class GeneratedToken(Message):
+class GeneratedToken(LocalMessage):
     """One new token; `text` is the decoded text it adds (may be "" mid-character)."""
 
     TYPE: ClassVar[str] = "generated_token"
@@ -226,7 +237,7 @@ class GeneratedToken(Message):
 
 @register
 @dataclass(frozen=True, eq=False)
-class GenerationDone(Message):
+class GenerationDone(LocalMessage):
     TYPE: ClassVar[str] = "generation_done"
     token_ids: list[int] = wired(ListOf(Int(0, 2**31), 1 << 16))
     text: str = wired(Text(1 << 22, min_len=0))
@@ -237,18 +248,18 @@ class GenerationDone(Message):
 
 @register
 @dataclass(frozen=True, eq=False)
-class ChainForward(Message):
+class ChainForward(LocalMessage):
     TYPE: ClassVar[str] = "chain_forward"
     model: str = wired(MODEL_REF)
     hidden: torch.Tensor = wired(HIDDEN)
     prompts: torch.Tensor | None = wired(PROMPTS, default=None)
     compression: str = wired(COMPRESSION, default="none")
-    keep_trace: bool = wired(Flag(), default=True)
+    keep_trace: bool = wired(Flag(), default=False)  # only when a backward will follow
 
 
 @register
 @dataclass(frozen=True, eq=False)
-class ChainForwardResult(Message):
+class ChainForwardResult(LocalMessage):
     TYPE: ClassVar[str] = "chain_forward_result"
     hidden: torch.Tensor = wired(HIDDEN)
     trace_id: str | None = wired(Maybe(TRACE_ID), default=None)
@@ -257,7 +268,7 @@ class ChainForwardResult(Message):
 
 @register
 @dataclass(frozen=True, eq=False)
-class ChainBackward(Message):
+class ChainBackward(LocalMessage):
     """Gradients through the chain; with the forward's `trace_id` nothing is recomputed."""
 
     TYPE: ClassVar[str] = "chain_backward"
@@ -278,7 +289,7 @@ class ChainBackward(Message):
 
 @register
 @dataclass(frozen=True, eq=False)
-class ChainBackwardResult(Message):
+class ChainBackwardResult(LocalMessage):
     TYPE: ClassVar[str] = "chain_backward_result"
     grad_hidden: torch.Tensor = wired(HIDDEN)
     grad_prompts: torch.Tensor | None = wired(PROMPTS, default=None)

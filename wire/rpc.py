@@ -109,7 +109,11 @@ class SessionOpened(Message):
 @register
 @dataclass(frozen=True, eq=False)
 class Step(Message):
-    """One incremental step; start/end, when set, narrow the session's blocks for this step."""
+    """One incremental step; start/end, when set, narrow the session's blocks for this step.
+
+    `position`, when set, is the number of tokens the sender believes the session's cache
+    holds before this step; a server whose cache length differs refuses with `out_of_step`
+    (older clients leave it out and are not checked)."""
 
     TYPE: ClassVar[str] = "step"
     hidden: torch.Tensor = wired(HIDDEN)
@@ -119,6 +123,7 @@ class Step(Message):
     replay: bool = wired(Flag(), default=False)
     compression: str = wired(COMPRESSION, default="none")
     reorder: list[int] | None = wired(BATCH_INDEX, default=None)
+    position: int | None = wired(Maybe(COUNTER), default=None)
 
     def validate(self) -> None:
         if self.start is not None and self.end is not None:
@@ -248,6 +253,8 @@ class Error(Message):
     code: str = wired(Text(64, pattern=r"[a-z][a-z0-9_]*"))
     message: str = wired(Text(MAX_ERROR_MESSAGE, min_len=0))
     details: dict[str, Any] = wired(PlainMap(), default_factory=dict)
+    request_id: int | None = wired(Maybe(COUNTER), default=None)
+    """On the local socket: the id of the request this answers (wire.local.LocalMessage)."""
 
     def __post_init__(self) -> None:
         if isinstance(self.code, ErrorCode):  # members travel as the plain strings they are

@@ -229,10 +229,14 @@ class ChainSession:
         self.max_frame = opened.max_frame
         return self
 
-    def step(self, hidden: torch.Tensor, reorder: Sequence[int] | None = None) -> torch.Tensor:
+    def step(
+        self, hidden: torch.Tensor, reorder: Sequence[int] | None = None, *, retries: int = 0
+    ) -> torch.Tensor:
         """[batch, new tokens, hidden] in → hidden states after the last block.
 
         `reorder` (beam search): row i of every cache becomes row reorder[i] before the step.
+        `retries`: times a step that timed out is sent again, with the same request id (the
+        daemon applies it once and answers a repeat with the same reply).
         """
         if self.conn is None:
             raise PeerdError(ErrorCode.CLOSED, "the session is not open")
@@ -258,7 +262,7 @@ class ChainSession:
             raise PeerdError(exc.code, exc.message) from None
         outputs = []
         for request in requests:
-            reply = self.conn.request(request, api.ChainStepResult)
+            reply = self._request_step(request, retries)
             self.route, self.recoveries = list(reply.route), reply.recoveries
             outputs.append(reply.hidden)
         if len(outputs) == 1:
@@ -266,6 +270,18 @@ class ChainSession:
         import torch  # only a step's tensors need it, and they brought it already
 
         return torch.cat(outputs, dim=1)
+
+    def _request_step(self, request: api.ChainStep, retries: int) -> api.ChainStepResult:
+        assert self.conn is not None
+        request_id = None
+        while True:
+            try:
+                return self.conn.request(request, api.ChainStepResult, request_id=request_id)
+            except PeerdError as exc:
+                if exc.code != ErrorCode.TIMEOUT or retries <= 0 or exc.request_id is None:
+                    raise
+                retries -= 1
+                request_id = exc.request_id
 
     def close(self) -> None:
         if self.conn is None:

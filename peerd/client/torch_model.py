@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from blocks import ClientParts
+from peerd.client.connection import PeerdError
 from peerd.client.daemon_client import DaemonClient
 from peerd.generation import (
     Generation,
@@ -26,6 +27,7 @@ from peerd.generation import (
     generate_sync,
     last_logits,
 )
+from wire import ErrorCode
 
 
 class _ChainFunction(torch.autograd.Function):
@@ -46,7 +48,7 @@ class _ChainFunction(torch.autograd.Function):
             hidden.detach(),
             prompts.detach() if has_prompts else None,
             compression=compression,
-            keep_trace=True,
+            keep_trace=any(ctx.needs_input_grad[:2]),  # a trace only where a backward follows
         )
         ctx.save_for_backward(hidden, prompts)
         ctx.peer, ctx.model, ctx.trace_id, ctx.compression = peer, model, trace_id, compression
@@ -64,10 +66,21 @@ class _ChainFunction(torch.autograd.Function):
             trace_id=ctx.trace_id,
             compression=ctx.compression,
         )
-        grad_p = (
-            grad_prompts.to(prompts.dtype) if has_prompts and grad_prompts is not None else None
-        )
+        _check_grad("hidden states", grad_hidden, hidden)
+        grad_p = None
+        if has_prompts and grad_prompts is not None:
+            _check_grad("prompts", grad_prompts, prompts)
+            grad_p = grad_prompts.to(prompts.dtype)
         return grad_hidden.to(hidden.dtype), grad_p, None, None, None
+
+
+def _check_grad(what: str, grad: torch.Tensor, like: torch.Tensor) -> None:
+    """A gradient of another shape would broadcast silently into autograd: refuse it."""
+    if grad.shape != like.shape:
+        raise PeerdError(
+            ErrorCode.BAD_REPLY,
+            f"gradient of the {what} has shape {list(grad.shape)}, expected {list(like.shape)}",
+        )
 
 
 class RemoteBlocks(nn.Module):

@@ -114,19 +114,25 @@ class ChainHandlers:
 
     async def step(self, request: api.ChainStep, conn: ApiConnection) -> None:
         chain = conn.chain(request.chain_id)
+        last = conn.last_steps.get(request.chain_id)
+        if request.request_id is not None and last is not None and last[0] == request.request_id:
+            await conn.reply(last[1])  # a client's retry of a step already applied
+            return
         hidden = await chain.step(request.hidden.float(), reorder=request.reorder)
-        await conn.reply(
-            api.ChainStepResult(
-                hidden=hidden.to(request.hidden.dtype),
-                route=chain.route,
-                recoveries=len(chain.recoveries),
-                compression=request.compression,
-            )
+        reply = api.ChainStepResult(
+            hidden=hidden.to(request.hidden.dtype),
+            route=chain.route,
+            recoveries=len(chain.recoveries),
+            compression=request.compression,
         )
+        if request.request_id is not None:
+            conn.last_steps[request.chain_id] = (request.request_id, reply)
+        await conn.reply(reply)
 
     async def close(self, request: api.CloseChain, conn: ApiConnection) -> None:
         chain = conn.chain(request.chain_id)
         del conn.chains[request.chain_id]
+        conn.last_steps.pop(request.chain_id, None)
         await chain.aclose()
         await conn.reply(api.ChainClosed(chain_id=request.chain_id))
 

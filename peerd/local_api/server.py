@@ -108,6 +108,8 @@ class LocalAPI:
                 await conn.channel.aclose()
 
     async def _answer(self, raw: dict, conn: ApiConnection) -> None:
+        rid = raw.get("request_id") if isinstance(raw, dict) else None
+        conn.request_id = rid if type(rid) is int and rid >= 0 else None  # even if refused
         try:
             request = wire.parse_message(raw)
             handler = self.handlers.get(type(request))
@@ -123,6 +125,8 @@ class LocalAPI:
         except Exception as exc:  # noqa: BLE001 - one bad request never kills the daemon
             log.exception("local API request failed")
             await conn.reply(wire.Error.from_exception(exc))
+        finally:
+            conn.request_id = None  # a framing error after it answers no request
 
     async def _list_models(self, request: api.ListModels, conn: ApiConnection) -> None:
         await conn.reply(api.ModelList(models=await self.models.swarm_models()))

@@ -28,7 +28,10 @@ class TrainingHandlers:
     def __init__(self, models: ModelRegistry, chains: ChainFactory) -> None:
         self.models = models
         self.chains = chains
-        self._traces: OrderedDict[str, list[TraceEntry]] = OrderedDict()
+        # trace id -> (model id, prompts of the forward, its trace)
+        self._traces: OrderedDict[str, tuple[str, torch.Tensor | None, list[TraceEntry]]] = (
+            OrderedDict()
+        )
         self._plans: dict[str, Planning] = {}
 
     async def _training_chain(self, model: str, compression: str) -> TrainingChain:
@@ -51,7 +54,7 @@ class TrainingHandlers:
         trace_id = None
         if request.keep_trace:
             trace_id = uuid.uuid4().hex
-            self._traces[trace_id] = trace
+            self._traces[trace_id] = (chain.options.model_id, _maybe_float(request.prompts), trace)
             while len(self._traces) > MAX_TRACES:
                 self._traces.popitem(last=False)
         await conn.reply(
@@ -66,8 +69,11 @@ class TrainingHandlers:
         chain = await self._training_chain(request.model, request.compression)
         prompts = _maybe_float(request.prompts)
         hidden = request.hidden.float()
-        trace = self._traces.pop(request.trace_id, None) if request.trace_id else None
-        if not trace or not torch.equal(trace[0].inputs, hidden):
+        kept = self._traces.pop(request.trace_id, None) if request.trace_id else None
+        trace = None
+        if kept is not None and _same_request(kept, chain.options.model_id, hidden, prompts):
+            trace = kept[2]
+        if not trace:  # a trace of other inputs or prompts would give wrong gradients
             _, trace = await chain.forward(hidden, prompts)
         grad_hidden, grad_prompts = await chain.backward(trace, request.grad_out.float(), prompts)
         await conn.reply(
@@ -83,3 +89,22 @@ class TrainingHandlers:
 
 def _maybe_float(tensor: torch.Tensor | None) -> torch.Tensor | None:
     return None if tensor is None else tensor.float()
+
+
+def _same_request(
+    kept: tuple[str, torch.Tensor | None, list[TraceEntry]],
+    model_id: str,
+    hidden: torch.Tensor,
+    prompts: torch.Tensor | None,
+) -> bool:
+    """Whether a kept trace was made by a forward of exactly these inputs and prompts."""
+    kept_model, kept_prompts, trace = kept
+    if kept_model != model_id or not trace or not _equal(trace[0].inputs, hidden):
+        return False
+    if kept_prompts is None or prompts is None:
+        return kept_prompts is None and prompts is None
+    return _equal(kept_prompts, prompts)
+
+
+def _equal(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.shape == b.shape and a.dtype == b.dtype and bool(torch.equal(a, b))

@@ -168,6 +168,14 @@ class Sessions:
 
     async def step(self, session: OpenSessionState, message: wire.Step) -> wire.StepResult:
         runner, cache = self.runner, session.cache
+        if message.position is not None and message.position != cache.length:
+            raise RequestRefused(
+                ErrorCode.OUT_OF_STEP,
+                f"step at position {message.position}, but this session's cache holds "
+                f"{cache.length} tokens",
+                position=message.position,
+                cache_length=cache.length,
+            )
         if (message.start is not None and message.start != cache.start) or (
             message.end is not None and message.end != cache.end
         ):
