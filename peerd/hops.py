@@ -182,8 +182,8 @@ async def exchange(
                 reply = await _last_word(channel)
                 if reply is None:
                     raise
-            else:
-                reply = wire.parse_message(await channel.read_message())
+            else:  # a server's reply may not decode to more than our frame cap either
+                reply = wire.parse_message(await channel.read_message(), max_decoded=max_frame)
     except trio.TooSlowError:
         raise HopFailed(peer_id, f"no reply within {timeout:.1f} s") from None
     except (ConnectionLost, wire.WireError, OSError) as exc:

@@ -36,7 +36,7 @@ from peerd.hops import (
 from peerd.planning import ChainOptions, Planning
 from peerd.server.protocols import RPC_PROTOCOL
 from wire import ErrorCode
-from wire.sizing import BATCH, INT_LIST_ITEM_BYTES, int_list_bytes, tensor_bytes
+from wire.sizing import BATCH, INT_LIST_ITEM_BYTES, counted_bytes, int_list_bytes
 
 log = logging.getLogger("peerd.training")
 
@@ -136,9 +136,9 @@ class TrainingChain:
         if prompts is not None:  # replies (gradients included) are no bigger than requests
             if per_row:
                 one = [prompts.shape[0], 1, *prompts.shape[2:]]
-                row_extra += tensor_bytes(one, limits.dtype, self.options.compression)
+                row_extra += counted_bytes(one, limits.dtype, self.options.compression)
             else:
-                fixed += tensor_bytes(prompts.shape, limits.dtype, self.options.compression)
+                fixed += counted_bytes(prompts.shape, limits.dtype, self.options.compression)
         if self.pad_lengths is not None:
             fixed += int_list_bytes(0)
             row_extra += INT_LIST_ITEM_BYTES

@@ -111,7 +111,7 @@ class LocalAPI:
         rid = raw.get("request_id") if isinstance(raw, dict) else None
         conn.request_id = rid if type(rid) is int and rid >= 0 else None  # even if refused
         try:
-            request = wire.parse_message(raw)
+            request = wire.parse_message(raw)  # no decoded cap: the socket is our user's own
             handler = self.handlers.get(type(request))
             if handler is None:
                 raise WireError(
