@@ -21,6 +21,7 @@ from balancing import (
     SwarmEntry,
     choose_blocks,
     first_mover,
+    join_place,
     should_move,
 )
 from blocks import (
@@ -43,6 +44,12 @@ NEXT_RTT_PEERS = 8
 RTT_FIRST_DELAY = 5.0
 RTT_PERIOD = 60.0
 INFO_TIMEOUT = 5.0  # seconds to wait for a server's own word on its blocks
+# Start-up: rounds of claim (announce JOINING) → wait → re-list before loading, the wait
+# between them (seconds, random so that servers started together interleave), and how long
+# one claim's announcement may take.
+SETTLE_ROUNDS = 6
+SETTLE_WAIT = (0.5, 1.5)
+CLAIM_TIMEOUT = 5.0
 
 
 class BlockService:
@@ -98,8 +105,8 @@ class BlockService:
         )
         name = opts.model_name or self.swarm.model_name_for(opts.model_path)
         self.model_id = f"{name}@{fingerprint}"
+        node.set_record_provider(self.record)  # nothing to announce until we claim blocks
         interval = await self._choose_interval()
-        node.set_record_provider(self.record)
         await self._load_and_serve(interval)
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._rtt_loop)
@@ -113,20 +120,54 @@ class BlockService:
         size = opts.num_blocks or blocks_that_fit(self.config, opts)
         size = max(1, min(size, total))
         swarm = await self._swarm_entries()
-        start, end = choose_blocks(total, swarm, size, self._my_throughput_guess(swarm))
+        guess = self._my_throughput_guess(swarm)
+        start, end = choose_blocks(total, swarm, size, guess)
         log.info(
             "chose blocks %d:%d of %d (swarm has %d other servers)", start, end, total, len(swarm)
         )
-        return start, end
+        return await self._settle_claim((start, end), guess)
 
-    async def _swarm_entries(self) -> list[SwarmEntry]:
+    async def _settle_claim(self, claim: tuple[int, int], guess: float) -> tuple[int, int]:
+        """Announce `claim` as JOINING and re-check it against the claims of servers that
+        started with us (`join_place`) until it holds, before loading anything.
+
+        Servers started together each list the swarm before the others announced, and pick
+        the same blocks; once loaded, only the rebalance period (minutes) would part them.
+        The claim holds after one check when no other server is joining, after two in a row
+        when some are (they may still be moving).
+        """
+        total, me = self.config.num_blocks, self.swarm.node.peer_id
+        held = 0
+        for _ in range(SETTLE_ROUNDS):
+            self.interval, self.state = claim, State.JOINING
+            with trio.move_on_after(CLAIM_TIMEOUT):
+                try:
+                    await self.swarm.node.announce(timeout=CLAIM_TIMEOUT)
+                except Exception as exc:  # noqa: BLE001 - the announcer's loop retries
+                    log.debug("announcing our claim failed: %r", exc)
+            await trio.sleep(random.uniform(*SETTLE_WAIT))
+            joining: set[str] = set()
+            swarm = await self._swarm_entries(joining)
+            new = join_place(total, swarm, SwarmEntry(me, *claim, guess), joining)
+            if new != claim:
+                log.info("claim %d:%d taken by servers joining too; claiming %d:%d", *claim, *new)
+                claim, held = new, 0
+                continue
+            held += 1
+            if held >= (2 if joining else 1):
+                break
+        return claim
+
+    async def _swarm_entries(self, joining: set[str] | None = None) -> list[SwarmEntry]:
         """The other servers of our model, JOINING ones included: they are about to hold
         those blocks (counting only ONLINE ones made servers that start or move together all
         pick the same blocks). A record without a measured throughput yet counts at the
-        median of the measured ones."""
+        median of the measured ones. The peer ids of JOINING ones are added to `joining`."""
         records = await self.swarm.list_servers(self.model_id)
         me = self.swarm.node.peer_id
         others = [r for r in records if r.peer_id != me and r.state is not State.OFFLINE]
+        if joining is not None:
+            joining.update(r.peer_id for r in others if r.state is State.JOINING)
         measured = sorted(r.inference_throughput for r in others if r.inference_throughput > 0)
         fallback = measured[len(measured) // 2] if measured else 1.0
         return [
