@@ -67,15 +67,18 @@ def join_place(
 
     Servers started together each choose from a listing that does not show the others yet,
     and pick the same blocks. Once their claims (JOINING records) are visible, each of them
-    settles the claims of the servers in `joining` (peer ids; `me` always counts) by greedy
-    moves in peer_id order, the others staying put, and takes its own place in the result.
-    Moving costs nothing before loading, so any strict improvement counts, and peers with the
-    same listing reach the same placement: of two servers on the same blocks, the one with
-    the smaller peer id moves first and the other sees its new place.
+    settles by greedy moves in peer_id order (choose_blocks' rule; moving costs nothing before
+    loading, so any strict improvement counts) and takes its own place in the result. Only
+    `me` and the servers of `joining` (peer ids) with a smaller peer id than mine move in
+    that settling: a joiner with a larger one settles after seeing my claim, and one that
+    already loads (its record says JOINING too) never moves again, so a server that joins
+    late with a small peer id just best-responds to the claims it sees. Peers with the same
+    listing reach the same placement: of two servers on the same blocks, the one with the
+    smaller peer id moves first and the other sees its new place.
     """
     mine = own_entry(num_blocks, me)
     others = [e for e in entries_of(num_blocks, swarm) if e.peer_id != mine.peer_id]
-    movable = {*(str(p) for p in joining), mine.peer_id}
+    movable = {p for p in (str(p) for p in joining) if p < mine.peer_id} | {mine.peer_id}
     for entry in settle(num_blocks, [*others, mine], max_rounds, movable):
         if entry.peer_id == mine.peer_id:
             return entry.start, entry.end

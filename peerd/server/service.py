@@ -133,8 +133,8 @@ class BlockService:
 
         Servers started together each list the swarm before the others announced, and pick
         the same blocks; once loaded, only the rebalance period (minutes) would part them.
-        The claim holds after one check when no other server is joining, after two in a row
-        when some are (they may still be moving).
+        The claim holds after two checks in a row (the first may run before the claims of
+        servers started with us are visible, the second sees them; they may still be moving).
         """
         total, me = self.config.num_blocks, self.swarm.node.peer_id
         held = 0
@@ -154,7 +154,7 @@ class BlockService:
                 claim, held = new, 0
                 continue
             held += 1
-            if held >= (2 if joining else 1):
+            if held >= 2:
                 break
         return claim
 
