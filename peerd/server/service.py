@@ -138,13 +138,9 @@ class BlockService:
         """
         total, me = self.config.num_blocks, self.swarm.node.peer_id
         held = 0
-        for _ in range(SETTLE_ROUNDS):
+        for round_ in range(SETTLE_ROUNDS):
             self.interval, self.state = claim, State.JOINING
-            with trio.move_on_after(CLAIM_TIMEOUT):
-                try:
-                    await self.swarm.node.announce(timeout=CLAIM_TIMEOUT)
-                except Exception as exc:  # noqa: BLE001 - the announcer's loop retries
-                    log.debug("announcing our claim failed: %r", exc)
+            await self._announce_claim(provide=round_ == 0)
             await trio.sleep(random.uniform(*SETTLE_WAIT))
             joining: set[str] = set()
             swarm = await self._swarm_entries(joining)
@@ -157,6 +153,19 @@ class BlockService:
             if held >= 2:
                 break
         return claim
+
+    async def _announce_claim(self, provide: bool) -> None:
+        """Store our JOINING record now and, the first time, say that we serve the model
+        (listings find servers by those provider records; the announcer's loop would only
+        add ours at its next round), so that the others' next listing shows our claim."""
+        node = self.swarm.node
+        with trio.move_on_after(CLAIM_TIMEOUT):
+            try:
+                await node.announce(timeout=CLAIM_TIMEOUT)
+                if provide and node.dht is not None:
+                    await node.dht.provide(self.model_id, node.peer_id)
+            except Exception as exc:  # noqa: BLE001 - the announcer's loop retries
+                log.debug("announcing our claim failed: %r", exc)
 
     async def _swarm_entries(self, joining: set[str] | None = None) -> list[SwarmEntry]:
         """The other servers of our model, JOINING ones included: they are about to hold
