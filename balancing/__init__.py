@@ -4,7 +4,7 @@ Pure functions over plain records (no I/O, no clock, no randomness); see README.
 file for the algorithm.
 """
 
-from balancing.choose import canonical_plan, choose_blocks, settle
+from balancing.choose import canonical_plan, choose_blocks, join_place, settle
 from balancing.move import DEFAULT_MAX_DEFERRALS, DEFAULT_MIN_GAIN, first_mover, should_move
 from balancing.swarm import Placement, SwarmEntry, block_throughputs, swarm_throughput
 
@@ -17,6 +17,7 @@ __all__ = [
     "canonical_plan",
     "choose_blocks",
     "first_mover",
+    "join_place",
     "settle",
     "should_move",
     "swarm_throughput",

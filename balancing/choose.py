@@ -40,18 +40,57 @@ def choose_blocks(
     return start, start + size
 
 
-def settle(num_blocks: int, swarm: Iterable[Placement], max_rounds: int) -> list[SwarmEntry]:
+def settle(
+    num_blocks: int,
+    swarm: Iterable[Placement],
+    max_rounds: int,
+    movable: Iterable[str] | None = None,
+) -> list[SwarmEntry]:
     """Let servers, one at a time in peer_id order, make strictly improving greedy moves.
 
     Stops after a round without moves or after `max_rounds`. No gain threshold: this is the
-    placement a swarm can reach by greedy steps.
+    placement a swarm can reach by greedy steps. `movable` (peer ids) limits the moves to
+    those servers; the others stay where they are (None: everyone may move).
     """
-    return list(_settle(num_blocks, _entries_tuple(num_blocks, swarm), max_rounds))
+    allowed = None if movable is None else frozenset(str(p) for p in movable)
+    return list(_settle(num_blocks, _entries_tuple(num_blocks, swarm), max_rounds, allowed))
+
+
+def join_place(
+    num_blocks: int,
+    swarm: Iterable[Placement],
+    me: Placement,
+    joining: Iterable[str],
+    max_rounds: int = 8,
+) -> tuple[int, int]:
+    """Where `me`, a server that has not loaded its blocks yet, should settle.
+
+    Servers started together each choose from a listing that does not show the others yet,
+    and pick the same blocks. Once their claims (JOINING records) are visible, each of them
+    settles by greedy moves in peer_id order (choose_blocks' rule; moving costs nothing before
+    loading, so any strict improvement counts) and takes its own place in the result. Only
+    `me` and the servers of `joining` (peer ids) with a smaller peer id than mine move in
+    that settling: a joiner with a larger one settles after seeing my claim, and one that
+    already loads (its record says JOINING too) never moves again, so a server that joins
+    late with a small peer id just best-responds to the claims it sees. Peers with the same
+    listing reach the same placement: of two servers on the same blocks, the one with the
+    smaller peer id moves first and the other sees its new place.
+    """
+    mine = own_entry(num_blocks, me)
+    others = [e for e in entries_of(num_blocks, swarm) if e.peer_id != mine.peer_id]
+    movable = {p for p in (str(p) for p in joining) if p < mine.peer_id} | {mine.peer_id}
+    for entry in settle(num_blocks, [*others, mine], max_rounds, movable):
+        if entry.peer_id == mine.peer_id:
+            return entry.start, entry.end
+    raise AssertionError("settling lost a server")
 
 
 @lru_cache(maxsize=64)
 def _settle(
-    num_blocks: int, swarm: tuple[SwarmEntry, ...], max_rounds: int
+    num_blocks: int,
+    swarm: tuple[SwarmEntry, ...],
+    max_rounds: int,
+    movable: frozenset[str] | None = None,
 ) -> tuple[SwarmEntry, ...]:
     """Cached: every server of one swarm state asks for the same settling."""
     entries = list(swarm)
@@ -60,6 +99,8 @@ def _settle(
     for _ in range(max_rounds):
         moved_any = False
         for index, entry in enumerate(entries):
+            if movable is not None and entry.peer_id not in movable:
+                continue
             step = grid.units(entry.throughput)
             masks = window_masks(num_blocks, entry.num_blocks)
             base = running - step * masks[entry.start]

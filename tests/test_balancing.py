@@ -12,6 +12,7 @@ from balancing import (
     block_throughputs,
     canonical_plan,
     choose_blocks,
+    join_place,
     settle,
     should_move,
     swarm_throughput,
@@ -204,3 +205,42 @@ def _rebalance(
         if not moved:
             return swarm
     raise AssertionError(f"still moving after {max_rounds} rounds")
+
+
+def _places(n: int, swarm: list[SwarmEntry], joining: set[str]) -> dict[str, tuple[int, int]]:
+    """Where each joiner of `swarm` goes, each deciding from the same listing."""
+    return {e.peer_id: join_place(n, swarm, e, joining - {e.peer_id}) for e in swarm}
+
+
+def test_servers_joining_on_the_same_blocks_spread_over_all_of_them() -> None:
+    # issue 9: three servers started together each listed an empty swarm and claimed 0:2;
+    # every one of them settles the same listing the same way, and the model is covered
+    swarm = [E(p, 0, 2, 1.0) for p in ("a", "b", "c")]
+    places = _places(6, swarm, {"a", "b", "c"})
+    assert sorted(places.values()) == [(0, 2), (2, 4), (4, 6)]
+    # the case seen with real daemons: one claim seen, two servers on 2:4
+    swarm = [E("a", 0, 2, 1.0), E("b", 2, 4, 1.0), E("c", 2, 4, 1.0)]
+    places = _places(6, swarm, {"a", "b", "c"})
+    assert places == {"a": (0, 2), "b": (4, 6), "c": (2, 4)}  # the smaller id moves
+    moved = [E(p, *span, 1.0) for p, span in places.items()]
+    assert _places(6, moved, {"a", "b", "c"}) == places  # and then the claims hold
+    assert swarm_throughput(6, moved) == 1.0
+
+
+def test_a_late_joiner_takes_the_claims_it_sees_as_they_are() -> None:
+    # "b" and "c" (JOINING: loading) already settled; a late "a", smaller id, must not
+    # expect them to make way, nor must they move for it
+    swarm = [E("b", 0, 2, 1.0), E("c", 2, 4, 1.0), E("a", 0, 2, 1.0)]
+    assert join_place(6, swarm, swarm[2], {"b", "c"}) == (4, 6)
+    assert join_place(6, swarm, swarm[0], {"a", "c"}) == (0, 2)
+    assert join_place(6, swarm, swarm[1], {"a", "b"}) == (2, 4)
+
+
+def test_join_place_only_moves_joiners_and_never_for_a_tie() -> None:
+    online = [E("a", 0, 3, 2.0), E("b", 3, 6, 2.0)]
+    me = E("z", 0, 3, 1.0)
+    assert join_place(6, [*online, me], me, set()) == (0, 3)  # a tie: stay
+    weaker_first = [E("a", 0, 3, 2.0), E("b", 3, 6, 3.0)]
+    assert join_place(6, weaker_first, E("z", 5, 6, 1.0), set()) == (0, 1)  # strictly better
+    settled = settle(6, [E("a", 0, 2, 1.0), E("b", 0, 2, 1.0)], 8, movable={"b"})
+    assert settled == [E("a", 0, 2, 1.0), E("b", 2, 4, 1.0)]

@@ -8,22 +8,12 @@ ONLINE → every rebalance period, ask `should_move` and move when the swarm gai
 
 from __future__ import annotations
 
-import gc
 import logging
-import random
 import time
 from collections.abc import Callable
 
-import torch
 import trio
 
-from balancing import (
-    DEFAULT_MAX_DEFERRALS,
-    SwarmEntry,
-    choose_blocks,
-    first_mover,
-    should_move,
-)
 from blocks import (
     LoadedBlocks,
     ModelConfig,
@@ -32,11 +22,10 @@ from blocks import (
     measure_throughput,
 )
 from peerd.records import ServerRecord, State
-from peerd.server import memory
 from peerd.server.block_server import INFERENCE_PROTOCOL, RPC_PROTOCOL, BlockServer
-from peerd.server.confirm import confirmed_entries
-from peerd.server.memory import blocks_that_fit
 from peerd.server.options import ServeOptions  # defined apart: the CLI imports it light
+from peerd.server.placement import StartupPlacement
+from peerd.server.rebalancing import Rebalancing
 from peerd.server.streams import PeerAdmission, contained, peer_channel, refuse_loading
 from peerd.swarm import SwarmAccess
 
@@ -45,11 +34,10 @@ log = logging.getLogger("peerd.serve")
 NEXT_RTT_PEERS = 8
 RTT_FIRST_DELAY = 5.0
 RTT_PERIOD = 60.0
-RELEASE_GRACE = 10.0  # most seconds a move waits for the sessions of blocks it must unload
 DRAIN_ANNOUNCE_TIMEOUT = 5.0  # seconds to spend announcing DRAINING
 
 
-class BlockService:
+class BlockService(StartupPlacement, Rebalancing):
     """The server side of a daemon: owns the current span and its `BlockServer`."""
 
     def __init__(self, options: ServeOptions, swarm: SwarmAccess) -> None:
@@ -105,46 +93,13 @@ class BlockService:
         )
         name = opts.model_name or self.swarm.model_name_for(opts.model_path)
         self.model_id = f"{name}@{fingerprint}"
+        node.set_record_provider(self.record)  # nothing to announce until we claim blocks
         interval = await self._choose_interval()
-        node.set_record_provider(self.record)
         await self._load_and_serve(interval)
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._rtt_loop)
             if opts.rebalance_period > 0 and opts.blocks is None:
                 nursery.start_soon(self._rebalance_loop)
-
-    async def _choose_interval(self) -> tuple[int, int]:
-        opts, total = self.options, self.config.num_blocks
-        if opts.blocks is not None:
-            return opts.blocks
-        size = opts.num_blocks or blocks_that_fit(self.config, opts)
-        size = max(1, min(size, total))
-        swarm = await self._swarm_entries()
-        start, end = choose_blocks(total, swarm, size, self._my_throughput_guess(swarm))
-        log.info(
-            "chose blocks %d:%d of %d (swarm has %d other servers)", start, end, total, len(swarm)
-        )
-        return start, end
-
-    async def _swarm_entries(self) -> list[SwarmEntry]:
-        """The other servers of our model, JOINING ones included: they are about to hold
-        those blocks (counting only ONLINE ones made servers that start or move together all
-        pick the same blocks). A record without a measured throughput yet counts at the
-        median of the measured ones."""
-        records = await self.swarm.list_servers(self.model_id)
-        me = self.swarm.node.peer_id
-        others = [r for r in records if r.peer_id != me and r.state is not State.OFFLINE]
-        measured = sorted(r.inference_throughput for r in others if r.inference_throughput > 0)
-        fallback = measured[len(measured) // 2] if measured else 1.0
-        return [
-            SwarmEntry(r.peer_id, r.start, r.end, r.inference_throughput or fallback)
-            for r in others
-        ]
-
-    def _my_throughput_guess(self, swarm: list[SwarmEntry]) -> float:
-        if self.throughput:
-            return float(self.throughput["block_inference_steps_per_s"])
-        return sorted(e.throughput for e in swarm)[len(swarm) // 2] if swarm else 1.0
 
     async def _load_and_serve(self, interval: tuple[int, int]) -> bool:
         """Load `interval` and serve it; False when the daemon started draining meanwhile."""
@@ -276,125 +231,6 @@ class BlockService:
             except Exception as exc:  # noqa: BLE001 - a failed measurement waits for the next round
                 log.debug("measuring next-server round trips failed: %r", exc)
             await trio.sleep(RTT_PERIOD)
-
-    async def _rebalance_loop(self) -> None:
-        """Every period (randomly stretched or shrunk), ask `should_move`; move when a second
-        check soon after says the same: a DHT listing that missed a live server (a lookup timed
-        out on a busy machine) would otherwise send us off blocks that only we serve."""
-        period = self.options.rebalance_period
-        pending: tuple[int, int] | None = None
-        while True:
-            share = random.uniform(0.2, 0.4) if pending else random.uniform(0.5, 1.5)
-            await trio.sleep(period * share)
-            try:
-                new = await self._wanted_move()
-            except Exception as exc:  # noqa: BLE001 - a failed listing waits for the next round
-                log.warning("rebalancing check failed: %r", exc)
-                continue
-            if new is None or new != pending:
-                if new is not None:
-                    log.info("rebalancing: blocks %d:%d would help more; checking again", *new)
-                pending = new
-                continue
-            pending = None
-            if self._stopping:
-                return
-            log.info("rebalancing: moving from blocks %d:%d to %d:%d", *self.interval, *new)
-            await self._move(new)
-
-    async def _move(self, new: tuple[int, int]) -> None:
-        """Serve `new` instead of our blocks, never running out of memory nor dying of an error.
-
-        The new span is loaded beside the old one (which serves on meanwhile) only when it
-        fits in the memory free now; else the old one is released first (its sessions get
-        RELEASE_GRACE to end) and we announce JOINING. When loading fails we go on serving
-        the old span if it is still loaded, else announce OFFLINE and stop the daemon."""
-        old_server, old_interval = self.server, self.interval
-        size = new[1] - new[0]
-        fits = await trio.to_thread.run_sync(
-            lambda: memory.span_fits(self.config, self.options, size)
-        )
-        if not fits and old_server is not None:
-            log.info(
-                "rebalancing: blocks %d:%d do not fit beside %d:%d; unloading those first",
-                *new,
-                *old_interval,
-            )
-            await self._release(old_server, new)
-            old_server = None
-        try:
-            if not await self._load_and_serve(new) and self.server is old_server:
-                self.interval = old_interval  # drained meanwhile: the old blocks finish
-                self.swarm.node.request_announce()
-        except Exception as exc:  # noqa: BLE001 - a failed move must not kill the daemon
-            if self._stopping:
-                return
-            if old_server is not None:
-                log.warning(
-                    "rebalancing to blocks %d:%d failed (%r): serving %d:%d on",
-                    *new,
-                    exc,
-                    *old_interval,
-                )
-                self._install(old_server)
-                self.interval, self.state = old_interval, State.ONLINE
-                self.swarm.node.request_announce()
-                self.on_change()
-                return
-            log.error(
-                "rebalancing to blocks %d:%d failed (%r) after unloading our blocks: "
-                "announcing OFFLINE and stopping",
-                *new,
-                exc,
-            )
-            self.state = State.OFFLINE
-            self.on_change()
-            await self.swarm.node.shutdown()
-
-    async def _release(self, server: BlockServer, new: tuple[int, int]) -> None:
-        """Stop serving `server`'s blocks and let its memory go before loading `new`."""
-        self.interval, self.state = new, State.JOINING
-        self.server = None  # new streams are refused ("busy") until the new span serves
-        self.swarm.node.request_announce()
-        self.on_change()
-        grace = min(self.options.limits.drain_timeout, RELEASE_GRACE)
-        if not await server.drain(grace):
-            log.info("unloading blocks with %d sessions still open", len(server.sessions))
-        del server
-        gc.collect()
-        if self.options.device and self.options.device.startswith("cuda"):
-            torch.cuda.empty_cache()
-
-    async def _wanted_move(self) -> tuple[int, int] | None:
-        """The interval `should_move` sends us to now, or None to stay (balancing's
-        `first_mover` rule decides which of several servers that should move goes first)."""
-        if self.interval is None:
-            return None
-        others = await self._swarm_entries()
-        start, end = self.interval
-        me = SwarmEntry(self.swarm.node.peer_id, start, end, self._my_throughput_guess(others))
-        everyone, total, min_gain = [*others, me], self.config.num_blocks, self.options.min_gain
-        move, new = should_move(total, everyone, me, min_gain)
-        if not move:
-            self._deferrals = 0
-            return None
-        # a move restarts us and may leave blocks only we serve: decide on what the servers
-        # say they hold right now, not on DHT records that can lag a move by many seconds
-        others = await self._confirmed(others)
-        everyone = [*others, me]
-        move, new = should_move(total, everyone, me, min_gain)
-        if not move:
-            return None
-        first = first_mover(total, everyone, min_gain)
-        if first is not None and first < me.peer_id and self._deferrals < DEFAULT_MAX_DEFERRALS:
-            self._deferrals += 1
-            log.info("rebalancing: blocks %d:%d would help more; %s moves first", *new, first)
-            return None
-        self._deferrals = 0
-        return tuple(new)
-
-    async def _confirmed(self, entries: list[SwarmEntry]) -> list[SwarmEntry]:
-        return await confirmed_entries(self.swarm, self.model_id, entries)
 
     async def _measure_next_rtts(self) -> None:
         """Round trips to servers of the blocks after ours (the next hop of a chain)."""
