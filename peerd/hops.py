@@ -14,157 +14,34 @@ travel in the server's compute dtype, and it answers in it.
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Protocol
 
 import torch
 import trio
 
 import wire
 from peerd.framed import ConnectionLost, FramedChannel
+from peerd.hop_errors import (  # noqa: F401 - re-exported for the chain modules
+    AVOID,
+    BAN,
+    RESYNC,
+    RETRYABLE_CODES,
+    ChainError,
+    Connector,
+    HopFailed,
+    failure_of,
+    our_fault,
+)
+from peerd.hop_limits import MIN_PEER_FRAME, HopLimits  # noqa: F401
 from peerd.server.protocols import INFERENCE_PROTOCOL
-from wire import ErrorCode, WireError
-from wire.names import FLOATING_DTYPES
 from wire.sizing import SEQUENCE, int_list_bytes
 
-# Server answers that mean "this server cannot help now": route around it.
-RETRYABLE_CODES = frozenset(
-    {
-        ErrorCode.BUSY,
-        ErrorCode.CACHE_FULL,
-        ErrorCode.TIMEOUT,
-        ErrorCode.INTERNAL,
-        ErrorCode.UNKNOWN_SESSION,
-        ErrorCode.UNKNOWN_MODEL,
-        ErrorCode.OUT_OF_RANGE,
-        ErrorCode.OUT_OF_STEP,
-        ErrorCode.TOO_LARGE,
-    }
-)
-
-# What a chain does about a failed server (HopFailed.kind).
-BAN = "ban"  # it failed: ban it (a strike in the shared ban list) and route around it
-AVOID = "avoid"  # it is healthy but cannot take this chain (moved blocks, its limits, full
-# cache): leave it out of this chain only, no strike
-RESYNC = "resync"  # its session is gone or out of step (idle timeout, position mismatch):
-# reopen on the same server and replay, no ban
-
-# Server error codes that are not the server's failure (the rest of RETRYABLE_CODES is).
-_CODE_KINDS = {
-    ErrorCode.OUT_OF_RANGE: AVOID,  # it moved its blocks since we read its record
-    ErrorCode.TOO_LARGE: AVOID,  # we cut to the limits it announced: its limits shrank
-    ErrorCode.CACHE_FULL: AVOID,
-    ErrorCode.OUT_OF_STEP: RESYNC,
-    ErrorCode.TIMEOUT: RESYNC,  # it closed our session for idleness
-}
-
-MIN_PEER_FRAME = 64 * 1024
-"""A server announcing a smaller frame limit (or max_tokens < 1) is refused as broken."""
 IDLE_RESYNC_AFTER = 10.0
 """A stream that breaks after this many idle seconds is first reopened on the same server
 (its idle timeout may have closed it) before the server is blamed."""
 
 
 REPLAY_PIECE_TOKENS = 2048  # batch × tokens of one replayed Step at most
-
-
-class ChainError(WireError):
-    """A chain could not do what was asked (the caller's answer, never a server's ban)."""
-
-    def __init__(self, code: ErrorCode | str, message: str) -> None:
-        super().__init__(code, message)
-
-
-class HopFailed(Exception):
-    """One server of the chain failed (connection lost, timeout, or a retryable error reply);
-    `kind` (BAN, AVOID, RESYNC) says what the chain does about it; `code` is the server's
-    error code when it answered one, `details` its details."""
-
-    def __init__(
-        self,
-        peer_id: str,
-        reason: str,
-        *,
-        kind: str = BAN,
-        code: str | None = None,
-        details: dict[str, Any] | None = None,
-    ) -> None:
-        super().__init__(f"{peer_id[:12]}…: {reason}")
-        self.peer_id = peer_id
-        self.reason = reason
-        self.kind = kind
-        self.code = code
-        self.details = details or {}
-
-
-class Connector(Protocol):
-    async def __call__(self, peer_id: str, protocol: str) -> FramedChannel: ...
-
-
-@contextmanager
-def our_fault(what: str) -> Iterator[None]:
-    """A WireError raised inside (building or encoding a request) is ours: a ChainError."""
-    try:
-        yield
-    except wire.WireError as exc:
-        raise ChainError(exc.code, f"{what}: {exc.message}") from None
-
-
-@dataclass(frozen=True)
-class HopLimits:
-    """What one server accepts, already combined with our own frame limit."""
-
-    max_frame: int = wire.DEFAULT_MAX_FRAME
-    max_tokens: int | None = None
-    dtype: str = "float32"
-    ours: int | None = None  # our own frame limit (None: max_frame is ours)
-
-    @classmethod
-    def from_opened(cls, opened: wire.SessionOpened, ours: int) -> HopLimits:
-        return cls(min(ours, opened.max_frame), opened.max_tokens, opened.dtype, ours)
-
-    def absurd(self) -> str | None:
-        """Why limits a server announced cannot be meant (None when they are sane)."""
-        if self.max_tokens is not None and self.max_tokens < 1:
-            return f"max_tokens {self.max_tokens}"
-        if self.max_frame < min(MIN_PEER_FRAME, self.ours or MIN_PEER_FRAME):
-            return f"max_frame {self.max_frame} bytes"
-        return None
-
-    @classmethod
-    def from_info(cls, limits: dict[str, Any], ours: int) -> HopLimits:
-        """From InfoResult.limits; what is missing or malformed (an older server) stays default."""
-        frame, tokens, dtype = (limits.get(k) for k in ("max_frame", "max_tokens", "dtype"))
-        return cls(
-            min(ours, frame) if _positive_int(frame) else min(ours, wire.DEFAULT_MAX_FRAME),
-            tokens if _positive_int(tokens) else None,
-            dtype if dtype in FLOATING_DTYPES else "float32",
-        )
-
-    @property
-    def torch_dtype(self) -> torch.dtype:
-        return wire.DTYPES[self.dtype]
-
-    def rows(self, shape: torch.Size | list[int], compression: str, **kw: Any) -> int:
-        """wire.rows_per_frame for this server; a request that cannot be cut small enough is
-        a too_large ChainError to the caller, not the server's fault."""
-        try:
-            return wire.rows_per_frame(
-                list(shape),
-                self.dtype,
-                compression,
-                self.max_frame,
-                max_tokens=self.max_tokens,
-                **kw,
-            )
-        except wire.WireError as exc:
-            raise ChainError(exc.code, f"request cannot be sent: {exc.message}") from None
-
-
-def _positive_int(value: object) -> bool:
-    return type(value) is int and value > 0
 
 
 async def exchange(
@@ -204,18 +81,6 @@ async def _last_word(channel: FramedChannel) -> wire.Message | None:
             return None
         return message if isinstance(message, wire.Error) else None
     return None
-
-
-def failure_of(peer_id: str, reply: wire.Error) -> HopFailed:
-    """A retryable error reply as a HopFailed of the right kind."""
-    code = ErrorCode.parse(reply.code)
-    return HopFailed(
-        peer_id,
-        f"{reply.code}: {reply.message}",
-        kind=_CODE_KINDS.get(code, BAN),  # type: ignore[arg-type]
-        code=str(code),
-        details=reply.details,
-    )
 
 
 async def open_channel(connect: Connector, peer_id: str, protocol: str) -> FramedChannel:
