@@ -25,13 +25,20 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--identities", type=int, default=3, help="fuzzing peers (own keys)")
     parser.add_argument("--workers", type=int, default=9, help="concurrent peer streams")
+    parser.add_argument(
+        "--shares", default=None, help="frames per target, e.g. peer=0.5,local=0.47,tcp=0.03"
+    )
     parser.add_argument("--root", type=Path, default=None, help="keep homes and logs here")
     args = parser.parse_args()
     root = args.root or Path(tempfile.mkdtemp(prefix="peerd-fuzz-"))
     print(f"{time.strftime('%Y-%m-%d %H:%M:%S %Z')}: fuzzing with {args}; logs in {root}")
+    shares = None
+    if args.shares:
+        shares = {k: float(v) for k, v in (p.split("=") for p in args.shares.split(","))}
     report = Fuzz(
-        root, args.frames, args.seed, identities=args.identities, workers=args.workers
-    ).run()
+        root, args.frames, args.seed, identities=args.identities, workers=args.workers,
+        shares=shares,
+    ).run()  # fmt: skip
     print("\n".join(report.lines()))
     print("OK" if report.ok else "FAILURES")
     return 0 if report.ok else 1

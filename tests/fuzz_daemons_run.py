@@ -14,7 +14,6 @@ from __future__ import annotations
 import random
 import time
 from collections import Counter
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import psutil
@@ -26,6 +25,7 @@ from peerd.config import NodeConfig
 from peerd.framed import ConnectionLost, FramedChannel, Libp2pByteStream, TrioByteStream
 from peerd.server.block_server import INFERENCE_PROTOCOL, RPC_PROTOCOL
 from tests import fuzz_frames as ff
+from tests.fuzz_report import Report
 from tests.launcher import HarnessGroup
 from wire import local as api
 
@@ -36,65 +36,15 @@ CRASH_PATTERNS = ("request handler failed", "local API request failed", "Traceba
 SHARES = {"peer": 0.87, "local": 0.10, "tcp": 0.03}
 
 
-@dataclass
-class Report:
-    frames: Counter = field(default_factory=Counter)  # per target
-    per_type: Counter = field(default_factory=Counter)  # per (target, RPC type)
-    refusals: Counter = field(default_factory=Counter)  # Error replies by code
-    replies: int = 0
-    hangs: list[str] = field(default_factory=list)
-    unexpected: list[str] = field(default_factory=list)  # closed when a reply was due, ...
-    tcp_lingering: int = 0
-    stream_open_failures: Counter = field(default_factory=Counter)
-    good_steps: int = 0
-    good_generations: int = 0
-    good_mismatches: list[str] = field(default_factory=list)
-    peak_rss: dict[str, int] = field(default_factory=dict)
-    start_rss: dict[str, int] = field(default_factory=dict)
-    peak_fds: dict[str, int] = field(default_factory=dict)
-    crashes: dict[str, list[str]] = field(default_factory=dict)
-    exited: dict[str, int | None] = field(default_factory=dict)
-    seconds: float = 0.0
-
-    def lines(self) -> list[str]:
-        mib = 2**20
-        out = [f"frames sent: {sum(self.frames.values()):,} in {self.seconds:.0f} s"]
-        out += [f"  {t}: {n:,}" for t, n in sorted(self.frames.items())]
-        out.append("per RPC type:")
-        out += [f"  {t}/{k}: {n:,}" for (t, k), n in sorted(self.per_type.items())]
-        out.append(f"replies: {self.replies:,}; refusals by code: {dict(self.refusals)}")
-        out.append(f"stream open failures: {dict(self.stream_open_failures)}")
-        out.append(f"hangs: {len(self.hangs)} {self.hangs[:5]}")
-        out.append(f"unexpected behaviour: {len(self.unexpected)} {self.unexpected[:8]}")
-        out.append(f"raw TCP connections the daemon left open after our EOF: {self.tcp_lingering}")
-        out.append(
-            f"well-behaved: {self.good_steps} steps, {self.good_generations} generations, "
-            f"{len(self.good_mismatches)} mismatches {self.good_mismatches[:3]}"
-        )
-        for name in self.peak_rss:
-            out.append(
-                f"{name}: RSS {self.start_rss[name] / mib:.0f} MiB at start, peak "
-                f"{self.peak_rss[name] / mib:.0f} MiB; peak fds {self.peak_fds.get(name)}; "
-                f"exit status {self.exited.get(name)}; crash lines {len(self.crashes[name])}"
-            )
-            out += [f"    {line[:200]}" for line in self.crashes[name][:6]]
-        return out
-
-    @property
-    def ok(self) -> bool:
-        return not (
-            self.hangs
-            or self.good_mismatches
-            or any(self.crashes.values())
-            or any(code is not None for code in self.exited.values())
-        )
-
-
 class Fuzz:
-    def __init__(self, root: Path, frames: int, seed: int, *, identities: int, workers: int):
+    def __init__(
+        self, root: Path, frames: int, seed: int, *, identities: int, workers: int,
+        shares: dict[str, float] | None = None,
+    ):  # fmt: skip
         self.root, self.seed = Path(root), seed
         self.identities, self.workers = identities, workers
-        self.budget = {t: int(frames * share) + 1 for t, share in SHARES.items()}
+        shares = shares or SHARES
+        self.budget = {t: int(frames * shares.get(t, 0.0)) + 1 for t in SHARES}
         self.report = Report()
         self.kind_turn = Counter()
 
@@ -404,7 +354,7 @@ class Fuzz:
                     rng = random.Random(self.seed * 1000 + i)
                     node = nodes[1 + i % self.identities]
                     fuzzers.start_soon(self.peer_worker, node, server.peer_id, ctx, rng)
-                for i in range(max(1, self.workers // 3)):
+                for i in range(max(1, self.workers // 3 if self.budget["local"] < 20000 else 4)):
                     rng = random.Random(self.seed * 1000 + 500 + i)
                     fuzzers.start_soon(self.local_worker, client.socket, ctx, rng)
                 fuzzers.start_soon(self.tcp_worker, port, random.Random(self.seed * 1000 + 999))
