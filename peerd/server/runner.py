@@ -80,12 +80,14 @@ class SpanRunner:
             )
 
     def to_compute(self, tensor: torch.Tensor) -> torch.Tensor:
+        """In the span's dtype, still in host memory: the copy to the device happens in the
+        compute worker (the span's own input check moves it), never on the trio thread."""
         if not tensor.is_floating_point():
             raise RequestRefused(
                 ErrorCode.BAD_REQUEST, f"expected floating-point tensor, got {tensor.dtype}"
             )
         try:
-            return tensor.to(device=self.span.device, dtype=self.span.dtype)
+            return tensor.to(dtype=self.span.dtype)
         except (MemoryError, RuntimeError) as exc:
             if not is_out_of_memory(exc):
                 raise
@@ -95,8 +97,14 @@ class SpanRunner:
             ) from None
 
     async def run(self, priority: int, fn: Callable[[], Any]) -> Any:
+        """`fn()` in the compute worker; what it returns comes back in host memory, and on a
+        GPU only once its kernels are done, so the compute slot is held for the real work."""
+
+        def work() -> Any:
+            return _to_host(fn(), self.span.device)
+
         try:
-            result = await self.compute.run(priority, fn, wait_timeout=self.limits.step_timeout)
+            result = await self.compute.run(priority, work, wait_timeout=self.limits.step_timeout)
         except trio.TooSlowError:
             raise RequestRefused(
                 ErrorCode.BUSY,
@@ -172,3 +180,14 @@ def is_out_of_memory(exc: BaseException) -> bool:
     if isinstance(exc, MemoryError) or (oom is not None and isinstance(exc, oom)):
         return True
     return isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()
+
+
+def _to_host(result: Any, device: torch.device) -> Any:
+    """Tensors (alone or in a tuple) copied to host memory; waits for a GPU's queued kernels."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    if isinstance(result, torch.Tensor):
+        return result.cpu()
+    if isinstance(result, tuple):
+        return tuple(r.cpu() if isinstance(r, torch.Tensor) else r for r in result)
+    return result
