@@ -40,7 +40,7 @@ CONNECTION_LIMITS = ConnectionLimits(
     max_pending_outbound=64,
     max_established_inbound=512,
     max_established_outbound=256,
-    max_established_per_peer=4,  # we keep one per peer; a relayed one and a redial besides
+    max_established_per_peer=16,  # one in use; redials and relayed ones whose close is not yet seen
     max_established_total=768,
 )
 
