@@ -80,4 +80,4 @@ def test_the_host_limits_connections_per_peer_with_libp2ps_resource_manager():
     manager = host.get_network()._resource_manager
     assert manager is not None
     assert manager.connection_limits is CONNECTION_LIMITS
-    assert CONNECTION_LIMITS.max_established_per_peer == 4
+    assert CONNECTION_LIMITS.max_established_per_peer == 16
