@@ -4,11 +4,12 @@ Pure functions over plain records (no I/O, no clock, no randomness); see README.
 file for the algorithm.
 """
 
-from balancing.choose import canonical_plan, choose_blocks, join_place, settle
+from balancing.choose import ClaimCheck, canonical_plan, choose_blocks, join_place, settle
 from balancing.move import DEFAULT_MAX_DEFERRALS, DEFAULT_MIN_GAIN, first_mover, should_move
 from balancing.swarm import Placement, SwarmEntry, block_throughputs, swarm_throughput
 
 __all__ = [
+    "ClaimCheck",
     "DEFAULT_MAX_DEFERRALS",
     "DEFAULT_MIN_GAIN",
     "Placement",

@@ -56,6 +56,26 @@ def settle(
     return list(_settle(num_blocks, _entries_tuple(num_blocks, swarm), max_rounds, allowed))
 
 
+class ClaimCheck:
+    """When a start-up claim holds: `join_place` gave the same answer twice in a row (the first
+    check may run before the claims of servers started with us are visible, the second sees
+    them; they may still be moving). The daemon and simnet both settle with it."""
+
+    CONFIRMATIONS = 2
+
+    def __init__(self, claim: tuple[int, int]) -> None:
+        self.claim = claim
+        self._held = 0
+
+    def update(self, placed: tuple[int, int]) -> bool:
+        """Take `join_place`'s answer as the claim; True once the claim holds."""
+        if placed != self.claim:
+            self.claim, self._held = placed, 0
+            return False
+        self._held += 1
+        return self._held >= self.CONFIRMATIONS
+
+
 def join_place(
     num_blocks: int,
     swarm: Iterable[Placement],

@@ -21,6 +21,7 @@ import simpy
 
 from balancing import (
     DEFAULT_MAX_DEFERRALS,
+    ClaimCheck,
     SwarmEntry,
     choose_blocks,
     first_mover,
@@ -96,19 +97,15 @@ class JoinSim:
             yield from self._load(me, new)
 
     def _settle(self, me: str, claim: tuple[int, int]) -> Iterator[simpy.Event]:
-        cfg, held = self.config, 0
+        cfg, check = self.config, ClaimCheck(claim)
         for _ in range(cfg.settle_rounds):
-            self._announce(me, claim, online=False)
+            self._announce(me, check.claim, online=False)
             yield self.env.timeout(self.rng.uniform(*cfg.settle_wait_s))
             others, joining = yield from self._listing(me)
-            new = join_place(cfg.num_blocks, others, SwarmEntry(me, *claim, 1.0), joining)
-            if new != claim:
-                claim, held = new, 0
-                continue
-            held += 1
-            if held >= 2:
+            placed = join_place(cfg.num_blocks, others, SwarmEntry(me, *check.claim, 1.0), joining)
+            if check.update(placed):
                 break
-        return claim
+        return check.claim
 
     def _load(self, me: str, span: tuple[int, int]) -> Iterator[simpy.Event]:
         self._announce(me, span, online=False)

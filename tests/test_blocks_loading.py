@@ -11,7 +11,12 @@ import pytest
 import safetensors
 import torch
 from safetensors.torch import load_file, save_file
-from tiny_models import load_reference, make_tiny_model, reference_blocks
+from tiny_models import (
+    load_reference,
+    make_tiny_model,
+    one_thread,  # noqa: F401 - autouse: one torch thread here
+    reference_blocks,
+)
 
 import blocks.checkpoint
 from blocks import (
@@ -25,14 +30,6 @@ from blocks import (
     UnsupportedArchitecture,
     load_config,
 )
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 class Recorder:

@@ -11,7 +11,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tiny_models import ARCH_IDS, ARCHS, load_reference, make_tiny_model, reference_layers
+from tiny_models import (
+    ARCH_IDS,
+    ARCHS,
+    load_reference,
+    make_tiny_model,
+    one_thread,  # noqa: F401 - autouse: one torch thread here
+    reference_layers,
+)
 
 from blocks import ClientParts, LoadedBlocks
 
@@ -20,15 +27,6 @@ NUM_LAYERS = 4
 LENGTHS = (11, 6, 9)  # real lengths of the three prompts; T = 11 crosses Mistral's window of 8
 PADS = tuple(max(LENGTHS) - n for n in LENGTHS)  # (0, 5, 2)
 PAD_ID = 3
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors gain nothing from threads (see test_blocks_reference)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module", params=ARCHS, ids=ARCH_IDS)

@@ -7,20 +7,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tiny_models import make_tiny_model
+from tiny_models import (
+    make_tiny_model,
+    one_thread,  # noqa: F401 - autouse: one torch thread here
+)
 
 from blocks import ClientParts, InputError, LoadedBlocks
 
 PADS = (0, 5, 2)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors gain nothing from threads (see test_blocks_reference)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 BAD_PADS = [

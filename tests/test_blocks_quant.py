@@ -11,20 +11,15 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tiny_models import make_tiny_model
+from tiny_models import (
+    make_tiny_model,
+    one_thread,  # noqa: F401 - autouse: one torch thread here
+)
 
 from blocks import LoadedBlocks
 
 TOLERANCE = {"int8": 0.05, "nf4": 0.45}
 FAMILIES = [("llama", "llama3"), ("bloom", None), ("opt", None)]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module", params=FAMILIES, ids=[f for f, _ in FAMILIES])

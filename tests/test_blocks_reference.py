@@ -9,22 +9,19 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tiny_models import ARCH_IDS, ARCHS, load_reference, make_tiny_model, reference_blocks
+from tiny_models import (
+    ARCH_IDS,
+    ARCHS,
+    load_reference,
+    make_tiny_model,
+    one_thread,  # noqa: F401 - autouse: one torch thread here
+    reference_blocks,
+)
 
 from blocks import ClientParts, LoadedBlocks
 
 TOL = 1e-4
 NUM_LAYERS = 4
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors gain nothing from threads, and on a loaded 2-core machine torch's thread
-    pool can make each op 10x slower; restored afterwards for other modules."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def assert_close_scaled(ours: torch.Tensor, ref: torch.Tensor, tol: float = TOL) -> None:

@@ -9,19 +9,14 @@ import shutil
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from tiny_models import make_tiny_model
+from tiny_models import (
+    make_tiny_model,
+    one_thread,  # noqa: F401 - autouse: one torch thread here
+)
 
 import blocks.fingerprint
 import blocks.throughput
 from blocks import LoadedBlocks, checkpoint_fingerprint, measure_throughput
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -17,6 +17,7 @@ import math
 from pathlib import Path
 from typing import Any
 
+import pytest
 import torch
 
 # (family, variant) pairs covering every architecture option we implement.
@@ -284,3 +285,14 @@ def reference_blocks(
         for handle in handles:
             handle.remove()
     return captured[0]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny tensors gain nothing from threads, and on a loaded 2-core machine torch's thread
+    pool can make each op 10x slower; restored afterwards for other modules. Modules of tiny
+    block tests import it (an imported autouse fixture applies to the importing module)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -12,7 +12,7 @@ import random
 
 import trio
 
-from balancing import SwarmEntry, choose_blocks, join_place
+from balancing import ClaimCheck, SwarmEntry, choose_blocks, join_place
 from peerd.records import State
 from peerd.server.memory import blocks_that_fit
 
@@ -49,26 +49,26 @@ class StartupPlacement:
 
         Servers started together each list the swarm before the others announced, and pick
         the same blocks; once loaded, only the rebalance period (minutes) would part them.
-        The claim holds after two checks in a row (the first may run before the claims of
-        servers started with us are visible, the second sees them; they may still be moving).
+        When it holds is `balancing.ClaimCheck`'s rule (simnet settles with it too).
         """
         total, me = self.config.num_blocks, self.swarm.node.peer_id
-        held = 0
+        check = ClaimCheck(claim)
         for round_ in range(SETTLE_ROUNDS):
-            self.interval, self.state = claim, State.JOINING
+            self.interval, self.state = check.claim, State.JOINING
             await self._announce_claim(provide=round_ == 0)
             await trio.sleep(random.uniform(*SETTLE_WAIT))
             joining: set[str] = set()
             swarm = await self._swarm_entries(joining)
-            new = join_place(total, swarm, SwarmEntry(me, *claim, guess), joining)
-            if new != claim:
-                log.info("claim %d:%d taken by servers joining too; claiming %d:%d", *claim, *new)
-                claim, held = new, 0
-                continue
-            held += 1
-            if held >= 2:
+            placed = join_place(total, swarm, SwarmEntry(me, *check.claim, guess), joining)
+            if placed != check.claim:
+                log.info(
+                    "claim %d:%d taken by servers joining too; claiming %d:%d",
+                    *check.claim,
+                    *placed,
+                )
+            if check.update(placed):
                 break
-        return claim
+        return check.claim
 
     async def _announce_claim(self, provide: bool) -> None:
         """Store our JOINING record now and, the first time, say that we serve the model
