@@ -5,7 +5,13 @@ file for the algorithm.
 """
 
 from balancing.choose import ClaimCheck, canonical_plan, choose_blocks, join_place, settle
-from balancing.move import DEFAULT_MAX_DEFERRALS, DEFAULT_MIN_GAIN, first_mover, should_move
+from balancing.move import (
+    DEFAULT_MAX_DEFERRALS,
+    DEFAULT_MIN_GAIN,
+    first_mover,
+    should_move,
+    waits_for,
+)
 from balancing.swarm import Placement, SwarmEntry, block_throughputs, swarm_throughput
 
 __all__ = [
@@ -22,4 +28,5 @@ __all__ = [
     "settle",
     "should_move",
     "swarm_throughput",
+    "waits_for",
 ]

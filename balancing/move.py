@@ -106,6 +106,13 @@ def first_mover(
     return min(movers, default=None)
 
 
+def waits_for(first: str | None, me: str, deferrals: int) -> bool:
+    """Whether `me`, which should move, lets `first` (`first_mover`'s answer) go first this
+    round: only a smaller peer id, and at most DEFAULT_MAX_DEFERRALS rounds in a row (it may
+    not rebalance at all)."""
+    return first is not None and first < me and deferrals < DEFAULT_MAX_DEFERRALS
+
+
 def _planned_start(plan: list[SwarmEntry], mine: SwarmEntry) -> int:
     for entry in plan:
         if entry.peer_id == mine.peer_id:

@@ -20,13 +20,13 @@ from dataclasses import dataclass
 import simpy
 
 from balancing import (
-    DEFAULT_MAX_DEFERRALS,
     ClaimCheck,
     SwarmEntry,
     choose_blocks,
     first_mover,
     join_place,
     should_move,
+    waits_for,
 )
 
 
@@ -89,7 +89,7 @@ class JoinSim:
                 deferrals = 0
                 continue
             first = first_mover(cfg.num_blocks, [*others, mine])
-            if first is not None and first < me and deferrals < DEFAULT_MAX_DEFERRALS:
+            if waits_for(first, me, deferrals):
                 deferrals += 1
                 continue
             deferrals, self.moves = 0, self.moves + 1

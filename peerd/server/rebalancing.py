@@ -15,7 +15,7 @@ import random
 import torch
 import trio
 
-from balancing import DEFAULT_MAX_DEFERRALS, SwarmEntry, first_mover, should_move
+from balancing import SwarmEntry, first_mover, should_move, waits_for
 from peerd.records import State
 from peerd.server import memory
 from peerd.server.block_server import BlockServer
@@ -138,7 +138,7 @@ class Rebalancing:
         if not move:
             return None
         first = first_mover(total, everyone, min_gain)
-        if first is not None and first < me.peer_id and self._deferrals < DEFAULT_MAX_DEFERRALS:
+        if waits_for(first, me.peer_id, self._deferrals):
             self._deferrals += 1
             log.info("rebalancing: blocks %d:%d would help more; %s moves first", *new, first)
             return None
